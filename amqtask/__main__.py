@@ -1,0 +1,3 @@
+from amqtask._cli import main
+
+main()

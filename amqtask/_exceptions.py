@@ -1,0 +1,142 @@
+"""Errors raised by amqtask.
+
+The hierarchy:
+
+    AmqtaskError
+    ├── ContractError           a contract or an app is defined inconsistently
+    ├── PublishError            a message was not accepted by the broker
+    │   ├── PublishNacked       the broker answered the confirm with a nack
+    │   ├── Unroutable          no queue is bound for the message (returned by `mandatory`)
+    │   └── PublishTimeout      no confirm within the timeout (state unknown: may be delivered)
+    ├── TopologyError           the broker's exchanges and queues are not what the contracts need
+    │   ├── TopologyConflict    an entity exists with another type or other arguments
+    │   └── TopologyMissing     an entity the worker needs does not exist
+    ├── DecodeError             an incoming message cannot be turned into a task
+    └── NotConnected            the app is used outside `async with app`
+
+Pydantic's `ValidationError` is raised unwrapped where a payload does not fit its model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class AmqtaskError(Exception):
+    """Base class of every error amqtask raises on its own."""
+
+
+class ContractError(AmqtaskError):
+    """A contract, or a set of contracts, is inconsistent."""
+
+
+class NotConnected(AmqtaskError):
+    """The app has no open connection; use `async with app:` first."""
+
+
+# --- publishing -----------------------------------------------------------------------------
+
+
+class PublishError(AmqtaskError):
+    """The broker did not take responsibility for a message."""
+
+    def __init__(self, message: str, *, task: str, message_id: str) -> None:
+        super().__init__(message)
+        self.task = task
+        self.message_id = message_id
+
+
+class PublishNacked(PublishError):
+    """The broker nacked the publish: nothing was stored."""
+
+
+class Unroutable(PublishError):
+    """No queue is bound for the message; it was returned and not stored.
+
+    Usually the topology was not declared: run `amqtask declare`.
+    """
+
+
+class PublishTimeout(PublishError):
+    """No confirm arrived in time (for example while the broker blocks publishers).
+
+    The message may or may not have been stored: sending it again can make a duplicate.
+    """
+
+
+# --- topology -------------------------------------------------------------------------------
+
+
+class TopologyError(AmqtaskError):
+    """The broker's topology does not match what the contracts need."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """One entity on the broker whose type or argument differs from the desired one."""
+
+    kind: str  # "queue" or "exchange"
+    entity: str
+    argument: str
+    expected: Any
+    actual: Any
+
+    def describe(self) -> str:
+        return (
+            f"{self.kind} {self.entity!r}: argument {self.argument!r} is "
+            f"{_show(self.actual)} on the broker but the contracts want {_show(self.expected)}"
+        )
+
+
+def _show(value: Any) -> str:
+    return "absent" if value is None else repr(value)
+
+
+class TopologyConflict(TopologyError):
+    """Existing entities differ from the desired ones; nothing was changed.
+
+    Delete or migrate the entity named (or change the contract) and declare again.
+    """
+
+    def __init__(self, conflicts: Sequence[Conflict]) -> None:
+        self.conflicts = tuple(conflicts)
+        first = self.conflicts[0]
+        self.kind, self.entity, self.argument = first.kind, first.entity, first.argument
+        self.expected, self.actual = first.expected, first.actual
+        lines = "\n".join(f"  - {conflict.describe()}" for conflict in self.conflicts)
+        super().__init__(
+            f"the broker holds {len(self.conflicts)} conflicting entit"
+            f"{'y' if len(self.conflicts) == 1 else 'ies'}:\n{lines}\n"
+            "RabbitMQ cannot change a declared entity's arguments: delete it (its messages too) "
+            "or change the contract, then run `amqtask declare` again."
+        )
+
+
+class TopologyMissing(TopologyError):
+    """Entities the worker or producer needs do not exist on the broker."""
+
+    def __init__(self, missing: Sequence[str]) -> None:
+        self.missing = tuple(missing)
+        super().__init__(
+            f"missing on the broker: {', '.join(self.missing)}; "
+            "run `amqtask declare MODULE:APP` to create them"
+        )
+
+
+# --- consuming ------------------------------------------------------------------------------
+
+
+class DecodeError(AmqtaskError):
+    """An incoming message could not be decoded into a task.
+
+    `reason` is a short code (also written to the dead letter's headers), `detail` says why,
+    and `body` keeps the raw bytes untouched.
+    """
+
+    def __init__(self, reason: str, detail: str, *, body: bytes) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.body = body

@@ -1,0 +1,48 @@
+"""Every broker name amqtask uses, computed here and nowhere else.
+
+The convention (also in the README):
+
+    {namespace}.tasks        direct exchange; a task is published with routing key {task}.v{version}
+    {queue}                  a contract's work queue (default: the task name; `.v{N}` from version 2)
+    {namespace}.dead         direct exchange for dead letters, routing key = the work queue's name
+    {queue}.dead             the work queue's dead-letter queue
+
+`namespace` defaults to "amqtask"; apps that share a broker but must not share exchanges (tests,
+tenants) pick their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_NAMESPACE = "amqtask"
+
+
+def routing_key(task: str, version: int) -> str:
+    """Routing key of a task's messages on the task exchange."""
+    return f"{task}.v{version}"
+
+
+def default_queue_name(task: str, version: int) -> str:
+    """Work queue of a contract that names none: version 1 keeps the bare task name."""
+    return task if version == 1 else f"{task}.v{version}"
+
+
+def dead_letter_queue_name(queue: str) -> str:
+    """Dead-letter queue that collects what `queue` rejects."""
+    return f"{queue}.dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Exchange names of one namespace."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    @property
+    def task_exchange(self) -> str:
+        return f"{self.namespace}.tasks"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.namespace}.dead"

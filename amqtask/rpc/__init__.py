@@ -1,0 +1,1 @@
+"""Request/response over RabbitMQ direct reply-to (`App.call`)."""
