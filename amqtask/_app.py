@@ -95,9 +95,7 @@ class App:
         def register(func: F) -> F:
             if contract.key in self.handlers:
                 raise ContractError(f"task {contract.name!r} already has a handler")
-            self.handlers[contract.key] = Handler(
-                contract, func, inspect.iscoroutinefunction(func)
-            )
+            self.handlers[contract.key] = Handler(contract, func, inspect.iscoroutinefunction(func))
             return func
 
         return register

@@ -116,14 +116,32 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("app_path", metavar="APP")
-@click.option("--concurrency", "-c", default=10, show_default=True, type=click.IntRange(1),
-              help="Handlers running at once.")
-@click.option("--prefetch", type=click.IntRange(1), default=None,
-              help="Unacked deliveries held per queue [default: the concurrency].")
-@click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
-              help="Seconds running handlers get to finish on SIGTERM/SIGINT.")
-@click.option("--json-logs/--console-logs", default=None,
-              help="Log format [default: JSON unless stderr is a terminal].")
+@click.option(
+    "--concurrency",
+    "-c",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Handlers running at once.",
+)
+@click.option(
+    "--prefetch",
+    type=click.IntRange(1),
+    default=None,
+    help="Unacked deliveries held per queue [default: the concurrency].",
+)
+@click.option(
+    "--shutdown-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds running handlers get to finish on SIGTERM/SIGINT.",
+)
+@click.option(
+    "--json-logs/--console-logs",
+    default=None,
+    help="Log format [default: JSON unless stderr is a terminal].",
+)
 def worker(
     app_path: str,
     concurrency: int,

@@ -127,7 +127,7 @@ def decode_task(
             Reasons.MISSING_TASK_HEADER, f"the message has no {TASK!r} header", body=body
         )
     try:
-        version = int(headers.get(VERSION, 1))  # type: ignore[call-overload]
+        version = int(headers.get(VERSION, 1))
     except (TypeError, ValueError):
         raise DecodeError(
             Reasons.UNKNOWN_TASK, f"task {name!r} has an invalid version header", body=body
@@ -157,7 +157,7 @@ def decode_task(
 def trimmed_traceback(exc: BaseException, limit: int = _MAX_HEADER_TEXT) -> str:
     """The exception's traceback, keeping its end (where it was raised) within `limit`."""
     text = "".join(tb.format_exception(exc))
-    return text if len(text) <= limit else "...\n" + text[-limit:]
+    return text if len(text) <= limit else "...\n" + text[-(limit - 4) :]
 
 
 def dead_letter(

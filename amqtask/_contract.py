@@ -19,7 +19,7 @@ from amqtask.routing import default_queue_name, routing_key
 In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out")
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 
 
 class QueueType(StrEnum):
@@ -97,7 +97,7 @@ def contract(
 
 def contract(
     name: str,
-    input: type[In],  # noqa: A002 - the contract's input model; mirrors `returns`
+    input: type[In],
     *,
     returns: type[Any] | None = None,
     queue: str | None = None,
@@ -116,7 +116,7 @@ def contract(
 
     Raises `ContractError` for an invalid name, version, model or limit.
     """
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ContractError(
             f"invalid task name {name!r}: use letters, digits and '._:-', starting alphanumeric"
         )
@@ -124,7 +124,9 @@ def contract(
         raise ContractError(f"task {name!r}: input must be a pydantic model class, got {input!r}")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ContractError(f"task {name!r}: version must be a positive integer, got {version!r}")
-    if max_length is not None and (isinstance(max_length, bool) or max_length < 1):
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+    ):
         raise ContractError(f"task {name!r}: max_length must be at least 1, got {max_length!r}")
     queue = default_queue_name(name, version) if queue is None else queue
     if not queue or len(queue.encode()) > 200 or queue.startswith("amq."):

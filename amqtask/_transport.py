@@ -1,4 +1,4 @@
-"""The transport seam: what the app and the worker need of a broker, and its aio-pika implementation.
+"""The transport seam: what the app and the worker need of a broker, and its aio-pika version.
 
 Publishing and consuming use separate channels of one robust connection: a slow consumer never
 holds up publishes, and a channel closed by a consume-side error does not fail in-flight confirms.
@@ -59,7 +59,9 @@ class Transport(Protocol):
         timeout: float | None,
         mandatory: bool = True,
     ) -> None: ...
-    async def consume(self, queue: str, on_message: OnMessage, *, prefetch: int) -> Subscription: ...
+    async def consume(
+        self, queue: str, on_message: OnMessage, *, prefetch: int
+    ) -> Subscription: ...
     async def plan(self, topology: topo.Topology) -> topo.Plan: ...
     async def apply(self, plan: topo.Plan) -> None: ...
     async def ensure_exists(self, topology: topo.Topology, queues: Iterable[str]) -> None: ...
@@ -172,6 +174,14 @@ class AioPikaTransport:
                 task=task,
                 message_id=message.message_id,
             ) from None
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            # The broker closed the channel (404); the robust channel reopens it for the next send.
+            raise Unroutable(
+                f"task {task!r}: exchange {exchange!r} does not exist; the message was not stored. "
+                "Run `amqtask declare MODULE:APP` to create the topology.",
+                task=task,
+                message_id=message.message_id,
+            ) from None
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishNacked(
                 f"task {task!r}: the broker refused message {message.message_id} "
@@ -222,4 +232,3 @@ class AioPikaTransport:
         connection = await self._plain_connection()
         async with connection:
             await topo.ensure_exists(connection, topology, queues)
-

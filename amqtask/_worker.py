@@ -26,6 +26,8 @@ from amqtask._transport import SETTLE_ERRORS, IncomingDelivery, Subscription
 
 log = structlog.get_logger("amqtask.worker")
 
+_DEAD_LETTER_ERRORS: tuple[type[BaseException], ...] = (AmqtaskError, *SETTLE_ERRORS)
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
@@ -59,14 +61,17 @@ class Worker:
             max_workers=self.settings.concurrency, thread_name_prefix="amqtask-handler"
         )
         self._subscriptions: list[Subscription] = []
-        self._running: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # every delivery's task, started or waiting
+        self._running: set[asyncio.Task[Any]] = set()  # those whose handler has started
         self._stopping = False
         self._contracts = app.handled
         self.counts: dict[str, int] = defaultdict(int)
 
     @property
     def queues(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(handler.contract.queue for handler in self.app.handlers.values()))
+        return tuple(
+            dict.fromkeys(handler.contract.queue for handler in self.app.handlers.values())
+        )
 
     async def start(self) -> None:
         """Connect, check the queues exist, and start consuming.
@@ -109,6 +114,8 @@ class Worker:
             if pending:
                 log.warning("worker_abandoned_tasks", count=len(pending))
                 await asyncio.wait(pending, timeout=1.0)
+        for task in self._tasks:
+            task.cancel()  # deliveries that never started: they stay unacked
         self._executor.shutdown(wait=False, cancel_futures=True)
         await self.app.close()
         log.info("worker_stopped", **dict(self.counts))
@@ -123,18 +130,26 @@ class Worker:
 
     def _consumer(self, queue: str) -> Any:
         async def on_message(delivery: IncomingDelivery) -> None:
-            async with self._slots:
-                if self._stopping:
-                    return  # not started: left unacked, redelivered once our channel closes
-                task = asyncio.current_task()
-                assert task is not None
-                self._running.add(task)
-                try:
-                    await self._process(queue, delivery)
-                finally:
-                    self._running.discard(task)
+            # Our own task, not the client library's delivery task: aiormq cancels those when the
+            # connection drops, which would abort a handler halfway. A handler runs to its end;
+            # if its channel died meanwhile, the ack fails, is logged, and the broker redelivers.
+            task = asyncio.create_task(self._guarded(queue, delivery))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
         return on_message
+
+    async def _guarded(self, queue: str, delivery: IncomingDelivery) -> None:
+        async with self._slots:
+            if self._stopping:
+                return  # not started: left unacked, redelivered once our channel closes
+            task = asyncio.current_task()
+            assert task is not None
+            self._running.add(task)
+            try:
+                await self._process(queue, delivery)
+            finally:
+                self._running.discard(task)
 
     async def _process(self, queue: str, delivery: IncomingDelivery) -> None:
         started = time.perf_counter()
@@ -193,7 +208,7 @@ class Worker:
                 task=_codec.header_text((delivery.headers or {}).get(_codec.TASK)) or "?",
                 timeout=self.app.publish_timeout,
             )
-        except (AmqtaskError, *SETTLE_ERRORS) as publish_error:
+        except _DEAD_LETTER_ERRORS as publish_error:
             log.error(
                 "dead_letter_publish_failed",
                 message_id=delivery.message_id,
@@ -213,9 +228,7 @@ class Worker:
         except SETTLE_ERRORS as exc:
             # The delivery's channel died (e.g. a reconnect): its tag is void and the broker
             # redelivers the message. At-least-once: the handler may see it again.
-            log.warning(
-                "settle_failed", how=how, message_id=delivery.message_id, error=repr(exc)
-            )
+            log.warning("settle_failed", how=how, message_id=delivery.message_id, error=repr(exc))
 
     def _outcome(
         self,
@@ -235,4 +248,3 @@ class Worker:
             outcome=outcome,
             **extra,
         )
-

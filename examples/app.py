@@ -1,7 +1,7 @@
 """The worker service: the example's app with its handlers.
 
-    amqtask declare examples.app:app
-    amqtask worker examples.app:app
+amqtask declare examples.app:app
+amqtask worker examples.app:app
 """
 
 import asyncio

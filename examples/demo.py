@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -30,15 +29,22 @@ from examples.app import app
 from examples.producer import main as run_producer
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPECTED = Counter({("images.resize", "succeeded"): 5, ("users.notify", "succeeded"): 1,
-                    ("users.notify", "failed"): 1})
+EXPECTED = Counter(
+    {
+        ("images.resize", "succeeded"): 5,
+        ("users.notify", "succeeded"): 1,
+        ("users.notify", "failed"): 1,
+    }
+)
 
 
 def amqtask_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "amqtask", *args]
 
 
-async def read_outcomes(worker: asyncio.subprocess.Process, deadline: float) -> Counter[tuple[str, str]]:
+async def read_outcomes(
+    worker: asyncio.subprocess.Process, deadline: float
+) -> Counter[tuple[str, str]]:
     seen: Counter[tuple[str, str]] = Counter()
     assert worker.stderr is not None
     while seen != EXPECTED:
@@ -54,9 +60,11 @@ async def read_outcomes(worker: asyncio.subprocess.Process, deadline: float) -> 
         event = orjson.loads(line)
         if event["event"].startswith("task_"):
             seen[(event["task"], event["outcome"])] += 1
-            print(f"worker:   {event['event']:<15} {event['task']:<14} "
-                  f"id={event['message_id'][:8]} {event['duration_ms']:.1f} ms"
-                  + (f"  {event['error']}" if "error" in event else ""))
+            print(
+                f"worker:   {event['event']:<15} {event['task']:<14} "
+                f"id={event['message_id'][:8]} {event['duration_ms']:.1f} ms"
+                + (f"  {event['error']}" if "error" in event else "")
+            )
     return seen
 
 
@@ -70,23 +78,33 @@ async def read_dead_letter() -> None:
             print("dead letters: none found in notifications.dead")
             return
         headers = message.headers
-        print(f"dead letter in notifications.dead: reason={headers['amqtask-reason']} "
-              f"error={headers['amqtask-error']!r}")
+        print(
+            f"dead letter in notifications.dead: reason={headers['amqtask-reason']} "
+            f"error={headers['amqtask-error']!r}"
+        )
         await message.ack()  # the demo tidies up after itself
 
 
 async def main() -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    declare = subprocess.run(amqtask_command("declare", "examples.app:app"), cwd=ROOT, env=env,
-                             capture_output=True, text=True, check=False)
-    print(declare.stdout.rstrip())
+    declare = await asyncio.create_subprocess_exec(
+        *amqtask_command("declare", "examples.app:app"),
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await declare.communicate()
+    print(out.decode().rstrip())
     if declare.returncode != 0:
-        print(declare.stderr, file=sys.stderr)
+        print(err.decode(), file=sys.stderr)
         return 1
 
     worker = await asyncio.create_subprocess_exec(
         *amqtask_command("worker", "examples.app:app", "--json-logs", "--concurrency", "4"),
-        cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         await run_producer()

@@ -4,7 +4,7 @@ import asyncio
 import os
 
 import amqtask
-from examples.contracts import CONTRACTS, Notify, Resize, notify, resize
+from examples.contracts import CONTRACTS, Resize, notify, resize
 
 BROKER_URL = os.environ.get("AMQTASK_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -20,7 +20,10 @@ async def main() -> None:
     async with producer:
         # Many sends in flight on one channel; each returns once the broker confirmed it.
         ids = await asyncio.gather(
-            *(producer.send(resize, Resize(path=f"photo{i}.png", width=64 * i)) for i in range(1, 6))
+            *(
+                producer.send(resize, Resize(path=f"photo{i}.png", width=64 * i))
+                for i in range(1, 6)
+            )
         )
         print(f"producer: sent {len(ids)} images.resize tasks, all confirmed")
         await producer.send(notify, {"user": "ada", "text": "your images are ready"})

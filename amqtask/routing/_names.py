@@ -2,8 +2,8 @@
 
 The convention (also in the README):
 
-    {namespace}.tasks        direct exchange; a task is published with routing key {task}.v{version}
-    {queue}                  a contract's work queue (default: the task name; `.v{N}` from version 2)
+    {namespace}.tasks        direct exchange; tasks are published with routing key {task}.v{version}
+    {queue}                  a contract's work queue (default: the task name, `.v{N}` from v2 on)
     {namespace}.dead         direct exchange for dead letters, routing key = the work queue's name
     {queue}.dead             the work queue's dead-letter queue
 

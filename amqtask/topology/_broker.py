@@ -12,13 +12,14 @@ silently ignored on redeclare, so it cannot be seen here (the management API sho
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import aio_pika
 import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from amqtask._exceptions import TopologyConflict, TopologyMissing
-from amqtask.topology._model import Binding, Exchange, Queue, Topology
+from amqtask._exceptions import Conflict, TopologyConflict, TopologyMissing
+from amqtask.topology._model import Binding, Exchange, Queue, Topology, arguments
 from amqtask.topology._plan import (
     Observation,
     ObservationKey,
@@ -26,6 +27,8 @@ from amqtask.topology._plan import (
     make_plan,
     parse_precondition,
 )
+
+_MAX_CONFLICTS = 32  # more differing arguments than a queue can have: stop rather than loop
 
 
 async def _declare(channel: AbstractChannel, entity: Exchange | Queue, *, passive: bool) -> None:
@@ -52,21 +55,41 @@ async def _probe(connection: AbstractConnection, entity: Exchange | Queue) -> Ob
             await _declare(channel, entity, passive=True)
     except aiormq.exceptions.ChannelNotFoundEntity:
         return Observation(exists=False)
-    try:
-        async with connection.channel(publisher_confirms=False) as channel:
-            await _declare(channel, entity, passive=False)
-    except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        conflict = parse_precondition(str(exc.args[0] if exc.args else exc), entity)
-        if conflict is None:
-            raise
-        return Observation(exists=True, conflict=conflict)
-    return Observation(exists=True)
+    # The broker names one differing argument at a time: redeclare with the broker's value in
+    # its place to find the next one, until the declaration matches.
+    conflicts: list[Conflict] = []
+    probe = entity
+    for _ in range(_MAX_CONFLICTS):
+        try:
+            async with connection.channel(publisher_confirms=False) as channel:
+                await _declare(channel, probe, passive=False)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            conflict = parse_precondition(str(exc.args[0] if exc.args else exc), entity)
+            if conflict is None or conflict in conflicts:
+                raise
+            conflicts.append(conflict)
+            probe = _with_broker_value(probe, conflict)
+        else:
+            break
+    return Observation(exists=True, conflicts=tuple(conflicts))
+
+
+def _with_broker_value(entity: Exchange | Queue, conflict: Conflict) -> Exchange | Queue:
+    if conflict.argument in ("type", "durable") and isinstance(entity, Exchange):
+        return replace(entity, **{conflict.argument: conflict.actual})
+    if conflict.argument == "durable":
+        return replace(entity, durable=bool(conflict.actual))
+    args = {k: v for k, v in entity.arguments if k != conflict.argument}
+    if conflict.actual is not None:
+        args[conflict.argument] = conflict.actual
+    return replace(entity, arguments=arguments(args))
 
 
 async def observe(connection: AbstractConnection, topology: Topology) -> Plan:
     """Read the broker's state of every exchange and queue and return the plan. Changes nothing."""
     observed: dict[ObservationKey, Observation] = {}
-    for entity in (*topology.exchanges, *topology.queues):
+    declared: tuple[Exchange | Queue, ...] = (*topology.exchanges, *topology.queues)
+    for entity in declared:
         observed[(entity.kind, entity.name)] = await _probe(connection, entity)
     return make_plan(topology, observed)
 
@@ -94,7 +117,7 @@ async def ensure_exists(
 ) -> None:
     """Raise `TopologyMissing` unless the named queues and the exchanges exist (passive only)."""
     missing = []
-    wanted = [*topology.exchanges, *(topology.queue(name) for name in queues)]
+    wanted: list[Exchange | Queue] = [*topology.exchanges, *(topology.queue(n) for n in queues)]
     for entity in wanted:
         try:
             async with connection.channel(publisher_confirms=False) as channel:

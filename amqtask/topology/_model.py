@@ -119,7 +119,8 @@ def work_queue(contract: Contract[Any, Any], names: Names) -> Queue:
     if contract.max_length is not None:
         args["x-max-length"] = contract.max_length
         args["x-overflow"] = contract.overflow.value
-    if contract.queue_type is QueueType.QUORUM and contract.overflow is Overflow.REJECT_PUBLISH:
+    bounded_drop_head = contract.max_length is not None and contract.overflow is Overflow.DROP_HEAD
+    if contract.queue_type is QueueType.QUORUM and not bounded_drop_head:
         # Quorum queues dead-letter at-most-once unless asked; at-least-once keeps a message in
         # the source queue until the dead-letter queue confirmed it, and needs reject-publish.
         args["x-dead-letter-strategy"] = "at-least-once"

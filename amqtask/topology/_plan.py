@@ -25,7 +25,7 @@ class Observation:
     """What the broker said about one exchange or queue."""
 
     exists: bool
-    conflict: Conflict | None = None
+    conflicts: tuple[Conflict, ...] = ()
 
 
 ObservationKey = tuple[str, str]  # (kind, name)
@@ -35,19 +35,18 @@ ObservationKey = tuple[str, str]  # (kind, name)
 class Step:
     entity: Entity
     state: State
-    conflict: Conflict | None = None
+    conflicts: tuple[Conflict, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = self.entity.to_dict()
         data["state"] = self.state.value
         if self.entity.kind == "queue":
             data["bindings"] = []  # filled by Plan.to_dict, which sees every binding
-        if self.conflict is not None:
-            data["conflict"] = {
-                "argument": self.conflict.argument,
-                "expected": self.conflict.expected,
-                "actual": self.conflict.actual,
-            }
+        if self.conflicts:
+            data["conflicts"] = [
+                {"argument": c.argument, "expected": c.expected, "actual": c.actual}
+                for c in self.conflicts
+            ]
         return data
 
 
@@ -59,7 +58,7 @@ class Plan:
 
     @property
     def conflicts(self) -> tuple[Conflict, ...]:
-        return tuple(step.conflict for step in self.steps if step.conflict is not None)
+        return tuple(conflict for step in self.steps for conflict in step.conflicts)
 
     @property
     def to_apply(self) -> tuple[Entity, ...]:
@@ -88,24 +87,30 @@ class Plan:
             "entities": entities,
             "summary": {
                 "missing": len(self.missing),
-                "conflicts": len(self.conflicts),
+                "conflicts": sum(step.state is State.CONFLICT for step in self.steps),
                 "up_to_date": self.up_to_date,
             },
         }
 
     def render(self) -> str:
         """Human-readable plan, one entity per line, like a migration tool's."""
-        marks = {State.MISSING: "+", State.UP_TO_DATE: "=", State.CONFLICT: "!", State.UNVERIFIED: "~"}
+        marks = {
+            State.MISSING: "+",
+            State.UP_TO_DATE: "=",
+            State.CONFLICT: "!",
+            State.UNVERIFIED: "~",
+        }
         lines = []
         for step in self.steps:
             entity = step.entity
             detail = "" if isinstance(entity, Binding) else f" ({entity.type})"
             line = f"{marks[step.state]} {entity.kind:<8} {entity.name}{detail}  [{step.state}]"
-            if step.conflict is not None:
-                line += f"\n      {step.conflict.describe()}"
+            for conflict in step.conflicts:
+                line += f"\n      {conflict.describe()}"
             lines.append(line)
+        conflicting = sum(step.state is State.CONFLICT for step in self.steps)
         lines.append(
-            f"{len(self.missing)} to create, {len(self.conflicts)} conflicting, "
+            f"{len(self.missing)} to create, {conflicting} conflicting, "
             f"{sum(s.state is State.UP_TO_DATE for s in self.steps)} up to date"
         )
         return "\n".join(lines)
@@ -118,18 +123,19 @@ def make_plan(topology: Topology, observed: Mapping[ObservationKey, Observation]
     of its ends is, and otherwise unverified (AMQP cannot tell whether it exists).
     """
     steps: list[Step] = []
-    absent: set[str] = set()
-    for entity in (*topology.exchanges, *topology.queues):
+    absent: set[tuple[str, str]] = set()
+    declared: tuple[Exchange | Queue, ...] = (*topology.exchanges, *topology.queues)
+    for entity in declared:
         seen = observed.get((entity.kind, entity.name), Observation(exists=False))
         if not seen.exists:
-            absent.add(entity.name)
+            absent.add((entity.kind, entity.name))
             steps.append(Step(entity, State.MISSING))
-        elif seen.conflict is not None:
-            steps.append(Step(entity, State.CONFLICT, seen.conflict))
+        elif seen.conflicts:
+            steps.append(Step(entity, State.CONFLICT, seen.conflicts))
         else:
             steps.append(Step(entity, State.UP_TO_DATE))
     for binding in topology.bindings:
-        missing_end = binding.exchange in absent or binding.queue in absent
+        missing_end = ("exchange", binding.exchange) in absent or ("queue", binding.queue) in absent
         steps.append(Step(binding, State.MISSING if missing_end else State.UNVERIFIED))
     return Plan(tuple(steps))
 
@@ -138,22 +144,30 @@ _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<argument>[^']+)' for (?P<kind>queue|exchange) '(?P<entity>[^']+)'"
     r" in vhost '[^']*': received (?P<received>.+?) but current is (?P<current>.+?)\"?$"
 )
-_TYPED_VALUE = re.compile(r"^the value '(?P<value>.*)' of type '[^']*'$")
+_TYPED_VALUE = re.compile(r"^the value '(?P<value>.*)' of type '(?P<type>[^']*)'$")
 
 
-def _broker_value(text: str) -> Any:
+_INTEGER_TYPES = {"byte", "short", "signedint", "long", "unsignedbyte", "unsignedshort"}
+
+
+def _broker_value(text: str, like: Any = None) -> Any:
+    """A value as RabbitMQ rendered it, typed by its stated type or else like `like`."""
     if text == "none":
         return None
     typed = _TYPED_VALUE.match(text)
     value = typed["value"] if typed else text.strip("'")
-    if value in ("true", "false"):
+    kind = typed["type"] if typed else None
+    if kind == "bool" or (kind is None and isinstance(like, bool)):
         return value == "true"
-    return int(value) if re.fullmatch(r"-?\d+", value) else value
+    if kind is None and like is None and re.fullmatch(r"-?[1-9]\d*|0", value):
+        return int(value)  # nothing to go by: a number that reads back the same is one
+    numeric = kind in _INTEGER_TYPES or (kind is None and type(like) is int)
+    if numeric and re.fullmatch(r"-?\d+", value):
+        return int(value)
+    return value
 
 
-def parse_precondition(
-    text: str, expected: Exchange | Queue | None = None
-) -> Conflict | None:
+def parse_precondition(text: str, expected: Exchange | Queue | None = None) -> Conflict | None:
     """Read RabbitMQ's PRECONDITION_FAILED text for a redeclare into a `Conflict`.
 
     RabbitMQ names the first differing argument and both values; `expected` (the entity that was
@@ -163,7 +177,9 @@ def parse_precondition(
     if match is None:
         return None
     argument = match["argument"]
-    wanted = _broker_value(match["received"])
+    # "durable" is rendered 'true'/'false' with no type: read it as the bool it is.
+    like = True if argument == "durable" else None
+    wanted = _broker_value(match["received"], like)
     if expected is not None:
         desired = dict(expected.arguments)
         if argument in desired:
@@ -175,5 +191,5 @@ def parse_precondition(
         entity=match["entity"],
         argument=argument,
         expected=wanted,
-        actual=_broker_value(match["current"]),
+        actual=_broker_value(match["current"], like if like is not None else wanted),
     )

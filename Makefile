@@ -1,0 +1,27 @@
+# `make example` runs the example services against the local broker; `make test` runs the checks.
+# Both create .venv and install the project into it on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: example test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+example: $(VENV)/.installed
+	$(PY) -m examples.demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check amqtask examples tests
+	$(VENV)/bin/ruff format --check amqtask examples tests
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

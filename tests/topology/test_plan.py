@@ -1,0 +1,457 @@
+"""Unit tests of planning against observed broker state (`amqtask.topology._plan`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import BaseModel
+
+from amqtask import Conflict, TopologyConflict, TopologyError, contract
+from amqtask.topology import (
+    Binding,
+    Exchange,
+    Observation,
+    Plan,
+    Queue,
+    State,
+    Topology,
+    derive,
+    make_plan,
+    parse_precondition,
+)
+from amqtask.topology._model import arguments
+from amqtask.topology._plan import ObservationKey
+
+
+class Payload(BaseModel):
+    n: int
+
+
+TASKS = Exchange("amqtask.tasks")
+DEAD = Exchange("amqtask.dead")
+
+
+def topology() -> Topology:
+    return derive([contract("orders.place", Payload, queue_type="classic")])
+
+
+def everything_exists(topology: Topology) -> dict[ObservationKey, Observation]:
+    exchanges = {("exchange", exchange.name) for exchange in topology.exchanges}
+    queues = {("queue", queue.name) for queue in topology.queues}
+    return dict.fromkeys(exchanges | queues, Observation(exists=True))
+
+
+def states(plan: Plan) -> dict[str, State]:
+    return {step.entity.name: step.state for step in plan.steps}
+
+
+def length_conflict() -> Conflict:
+    return Conflict(
+        kind="queue", entity="orders.place", argument="x-max-length", expected=None, actual=10
+    )
+
+
+# --- make_plan ------------------------------------------------------------------------------
+
+
+def test_with_nothing_observed_every_entity_and_binding_is_missing() -> None:
+    plan = make_plan(topology(), {})
+
+    assert {step.state for step in plan.steps} == {State.MISSING}
+    assert plan.missing == topology().entities
+    assert plan.to_apply == topology().entities
+    assert plan.conflicts == ()
+    assert not plan.up_to_date
+
+
+def test_when_everything_exists_entities_are_up_to_date_and_bindings_unverified() -> None:
+    desired = topology()
+
+    plan = make_plan(desired, everything_exists(desired))
+
+    assert states(plan) == {
+        "amqtask.tasks": State.UP_TO_DATE,
+        "amqtask.dead": State.UP_TO_DATE,
+        "orders.place": State.UP_TO_DATE,
+        "orders.place.dead": State.UP_TO_DATE,
+        "amqtask.tasks -> orders.place [orders.place.v1]": State.UNVERIFIED,
+        "amqtask.dead -> orders.place.dead [orders.place]": State.UNVERIFIED,
+    }
+    assert plan.up_to_date
+    assert plan.missing == ()
+    assert plan.to_apply == desired.bindings
+
+
+def test_steps_follow_exchanges_then_queues_then_bindings() -> None:
+    desired = topology()
+
+    plan = make_plan(desired, {})
+
+    assert tuple(step.entity for step in plan.steps) == desired.entities
+
+
+def test_an_observation_that_says_absent_counts_as_missing() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    observed[("queue", "orders.place.dead")] = Observation(exists=False)
+
+    plan = make_plan(desired, observed)
+
+    assert plan.missing == (
+        desired.queue("orders.place.dead"),
+        Binding("amqtask.dead", "orders.place.dead", "orders.place"),
+    )
+
+
+def test_an_observation_keyed_by_the_wrong_kind_does_not_count() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    del observed[("exchange", "amqtask.tasks")]
+    observed[("queue", "amqtask.tasks")] = Observation(exists=True)
+
+    plan = make_plan(desired, observed)
+
+    assert states(plan)["amqtask.tasks"] is State.MISSING
+
+
+def test_a_binding_is_missing_when_its_exchange_is_missing() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    del observed[("exchange", "amqtask.tasks")]
+
+    plan = make_plan(desired, observed)
+
+    assert states(plan)["amqtask.tasks -> orders.place [orders.place.v1]"] is State.MISSING
+    assert states(plan)["amqtask.dead -> orders.place.dead [orders.place]"] is (State.UNVERIFIED)
+
+
+def test_a_binding_is_missing_when_its_queue_is_missing() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    del observed[("queue", "orders.place")]
+
+    plan = make_plan(desired, observed)
+
+    assert states(plan)["amqtask.tasks -> orders.place [orders.place.v1]"] is State.MISSING
+    assert plan.missing == (
+        desired.queue("orders.place"),
+        Binding("amqtask.tasks", "orders.place", "orders.place.v1"),
+    )
+    assert not plan.up_to_date
+
+
+def test_a_conflicting_entity_is_reported_and_never_applied() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    conflict = length_conflict()
+    observed[("queue", "orders.place")] = Observation(exists=True, conflicts=(conflict,))
+
+    plan = make_plan(desired, observed)
+
+    step = next(step for step in plan.steps if step.entity.name == "orders.place")
+    assert step.state is State.CONFLICT
+    assert step.conflicts == (conflict,)
+    assert plan.conflicts == (conflict,)
+    assert desired.queue("orders.place") not in plan.to_apply
+    assert plan.missing == ()
+    assert not plan.up_to_date
+
+
+def test_a_binding_to_a_conflicting_queue_stays_unverified() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    observed[("queue", "orders.place")] = Observation(exists=True, conflicts=(length_conflict(),))
+
+    plan = make_plan(desired, observed)
+
+    assert states(plan)["amqtask.tasks -> orders.place [orders.place.v1]"] is (State.UNVERIFIED)
+
+
+def test_a_missing_entity_ignores_a_conflict_attached_to_its_observation() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    observed[("queue", "orders.place")] = Observation(exists=False, conflicts=(length_conflict(),))
+
+    plan = make_plan(desired, observed)
+
+    assert states(plan)["orders.place"] is State.MISSING
+    assert plan.conflicts == ()
+
+
+# --- Plan.to_dict ---------------------------------------------------------------------------
+
+
+def test_to_dict_is_json_with_each_entity_its_state_and_a_summary() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    del observed[("queue", "orders.place.dead")]
+
+    data = make_plan(desired, observed).to_dict()
+
+    assert json.loads(json.dumps(data)) == data
+    assert data["summary"] == {"missing": 2, "conflicts": 0, "up_to_date": False}
+    assert data["entities"][0] == {
+        "kind": "exchange",
+        "name": "amqtask.tasks",
+        "type": "direct",
+        "durable": True,
+        "arguments": {},
+        "state": "up-to-date",
+    }
+    assert data["entities"][3] == {
+        "kind": "queue",
+        "name": "orders.place.dead",
+        "type": "classic",
+        "durable": True,
+        "arguments": {"x-queue-type": "classic"},
+        "state": "missing",
+        "bindings": [{"exchange": "amqtask.dead", "routing_key": "orders.place"}],
+    }
+    assert data["entities"][4] == {
+        "kind": "binding",
+        "name": "amqtask.tasks -> orders.place [orders.place.v1]",
+        "exchange": "amqtask.tasks",
+        "queue": "orders.place",
+        "routing_key": "orders.place.v1",
+        "state": "unverified",
+    }
+
+
+def test_to_dict_lists_every_binding_of_a_shared_queue_on_that_queue() -> None:
+    desired = derive(
+        [
+            contract("orders.place", Payload, queue="orders"),
+            contract("orders.cancel", Payload, queue="orders"),
+        ]
+    )
+
+    data = make_plan(desired, {}).to_dict()
+
+    orders = next(entity for entity in data["entities"] if entity["name"] == "orders")
+    assert orders["bindings"] == [
+        {"exchange": "amqtask.tasks", "routing_key": "orders.place.v1"},
+        {"exchange": "amqtask.tasks", "routing_key": "orders.cancel.v1"},
+    ]
+    assert orders["arguments"]["x-dead-letter-strategy"] == "at-least-once"
+
+
+def test_to_dict_gives_a_conflicting_entity_its_conflict_details() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    observed[("queue", "orders.place")] = Observation(exists=True, conflicts=(length_conflict(),))
+
+    data = make_plan(desired, observed).to_dict()
+
+    orders = next(entity for entity in data["entities"] if entity["name"] == "orders.place")
+    assert orders["state"] == "conflict"
+    assert orders["conflicts"] == [{"argument": "x-max-length", "expected": None, "actual": 10}]
+    assert data["summary"] == {"missing": 0, "conflicts": 1, "up_to_date": False}
+    assert json.loads(json.dumps(data)) == data
+
+
+def test_to_dict_lists_every_conflict_of_an_entity() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    type_conflict = Conflict("queue", "orders.place", "x-queue-type", "classic", "quorum")
+    observed[("queue", "orders.place")] = Observation(
+        exists=True, conflicts=(length_conflict(), type_conflict)
+    )
+
+    data = make_plan(desired, observed).to_dict()
+
+    orders = next(entity for entity in data["entities"] if entity["name"] == "orders.place")
+    assert orders["conflicts"] == [
+        {"argument": "x-max-length", "expected": None, "actual": 10},
+        {"argument": "x-queue-type", "expected": "classic", "actual": "quorum"},
+    ]
+
+
+def test_to_dict_of_an_up_to_date_plan_says_so() -> None:
+    desired = topology()
+
+    data = make_plan(desired, everything_exists(desired)).to_dict()
+
+    assert data["summary"] == {"missing": 0, "conflicts": 0, "up_to_date": True}
+    assert all("conflicts" not in entity for entity in data["entities"])
+    assert all("bindings" not in e for e in data["entities"] if e["kind"] != "queue")
+
+
+# --- Plan.render ----------------------------------------------------------------------------
+
+
+def test_render_marks_each_state_and_ends_with_a_summary() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    del observed[("queue", "orders.place.dead")]
+    observed[("queue", "orders.place")] = Observation(exists=True, conflicts=(length_conflict(),))
+
+    lines = make_plan(desired, observed).render().splitlines()
+
+    assert lines[0] == "= exchange amqtask.tasks (direct)  [up-to-date]"
+    assert lines[1] == "= exchange amqtask.dead (direct)  [up-to-date]"
+    assert lines[2] == "! queue    orders.place (classic)  [conflict]"
+    assert lines[3] == (
+        "      queue 'orders.place': argument 'x-max-length' is 10 on the broker "
+        "but the contracts want absent"
+    )
+    assert lines[4] == "+ queue    orders.place.dead (classic)  [missing]"
+    assert lines[5] == "~ binding  amqtask.tasks -> orders.place [orders.place.v1]  [unverified]"
+    assert lines[6] == "+ binding  amqtask.dead -> orders.place.dead [orders.place]  [missing]"
+    assert lines[7] == "2 to create, 1 conflicting, 2 up to date"
+    assert len(lines) == 8
+
+
+def test_render_lists_every_conflict_of_an_entity_and_counts_the_entity_once() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    type_conflict = Conflict("queue", "orders.place", "x-queue-type", "classic", "quorum")
+    observed[("queue", "orders.place")] = Observation(
+        exists=True, conflicts=(length_conflict(), type_conflict)
+    )
+
+    plan = make_plan(desired, observed)
+    lines = plan.render().splitlines()
+
+    assert plan.conflicts == (length_conflict(), type_conflict)
+    assert lines[2:5] == [
+        "! queue    orders.place (classic)  [conflict]",
+        "      queue 'orders.place': argument 'x-max-length' is 10 on the broker "
+        "but the contracts want absent",
+        "      queue 'orders.place': argument 'x-queue-type' is 'quorum' on the broker "
+        "but the contracts want 'classic'",
+    ]
+    assert lines[-1] == "0 to create, 1 conflicting, 3 up to date"
+
+
+def test_render_of_an_empty_plan_is_only_the_summary() -> None:
+    assert make_plan(Topology(), {}).render() == "0 to create, 0 conflicting, 0 up to date"
+
+
+# --- parse_precondition ---------------------------------------------------------------------
+
+# Texts captured from RabbitMQ 3.10 when redeclaring with other arguments.
+RECEIVED_NONE = (
+    "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'probe.q1' in vhost '/': "
+    "received none but current is the value '10' of type 'byte'"
+)
+RECEIVED_OTHER = (
+    "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'probe.q1' in vhost '/': "
+    "received '20' but current is '10'"
+)
+CURRENT_NONE = (
+    "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'probe.q1' in vhost '/': "
+    "received the value '5' of type 'byte' but current is none"
+)
+EXCHANGE_TYPE = (
+    "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'probe.x' in vhost '/': "
+    "received 'topic' but current is 'direct'"
+)
+EXCHANGE_DURABLE = (
+    "PRECONDITION_FAILED - inequivalent arg 'durable' for exchange 'probe.x' in vhost '/': "
+    "received 'false' but current is 'true'"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "conflict"),
+    [
+        (RECEIVED_NONE, Conflict("queue", "probe.q1", "x-max-length", None, 10)),
+        (RECEIVED_OTHER, Conflict("queue", "probe.q1", "x-max-length", 20, 10)),
+        (CURRENT_NONE, Conflict("queue", "probe.q1", "x-message-ttl", 5, None)),
+        (EXCHANGE_TYPE, Conflict("exchange", "probe.x", "type", "topic", "direct")),
+        (EXCHANGE_DURABLE, Conflict("exchange", "probe.x", "durable", False, True)),
+    ],
+    ids=["received-none", "received-other", "current-none", "exchange-type", "exchange-durable"],
+)
+def test_rabbitmq_precondition_texts_parse_into_conflicts(text: str, conflict: Conflict) -> None:
+    assert parse_precondition(text) == conflict
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "NOT_FOUND - no queue 'probe.q1' in vhost '/'",
+        "PRECONDITION_FAILED - unknown delivery tag 42",
+        "ACCESS_REFUSED - queue name 'amq.x' contains reserved prefix 'amq.*'",
+        "",
+    ],
+)
+def test_an_unrelated_broker_text_parses_to_none(text: str) -> None:
+    assert parse_precondition(text) is None
+
+
+def test_the_declared_queue_supplies_the_exact_expected_argument_value() -> None:
+    declared = Queue("probe.q1", arguments=arguments({"x-max-length": 20}))
+
+    assert parse_precondition(RECEIVED_OTHER, declared) == Conflict(
+        "queue", "probe.q1", "x-max-length", 20, 10
+    )
+
+
+def test_the_declared_queue_keeps_a_string_value_the_broker_rendered_like_a_number() -> None:
+    text = (
+        "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-routing-key' for queue 'q' "
+        "in vhost '/': received '2024' but current is 'orders'"
+    )
+    declared = Queue("q", arguments=arguments({"x-dead-letter-routing-key": "2024"}))
+
+    conflict = parse_precondition(text, declared)
+
+    assert conflict is not None
+    assert conflict.expected == "2024"
+    assert conflict.actual == "orders"
+
+
+def test_an_argument_the_declaration_lacks_keeps_the_broker_value() -> None:
+    assert parse_precondition(RECEIVED_NONE, Queue("probe.q1")) == Conflict(
+        "queue", "probe.q1", "x-max-length", None, 10
+    )
+
+
+def test_the_declared_exchange_supplies_its_type_and_durability() -> None:
+    declared = Exchange("probe.x", "topic", durable=False)
+
+    assert parse_precondition(EXCHANGE_TYPE, declared) == Conflict(
+        "exchange", "probe.x", "type", "topic", "direct"
+    )
+    assert parse_precondition(EXCHANGE_DURABLE, declared) == Conflict(
+        "exchange", "probe.x", "durable", False, True
+    )
+
+
+# --- TopologyConflict -----------------------------------------------------------------------
+
+
+def test_topology_conflict_message_names_entity_argument_and_both_values() -> None:
+    conflict = Conflict("queue", "probe.q1", "x-max-length", 20, 10)
+
+    error = TopologyConflict([conflict])
+
+    message = str(error)
+    assert "1 conflicting entity:" in message
+    assert "queue 'probe.q1'" in message
+    assert "argument 'x-max-length'" in message
+    assert "is 10 on the broker but the contracts want 20" in message
+    assert "amqtask declare" in message
+    assert (error.kind, error.entity, error.argument) == ("queue", "probe.q1", "x-max-length")
+    assert (error.expected, error.actual) == (20, 10)
+    assert error.conflicts == (conflict,)
+    assert isinstance(error, TopologyError)
+
+
+def test_topology_conflict_message_lists_every_conflict_and_shows_absent_values() -> None:
+    first = Conflict("queue", "probe.q1", "x-max-length", None, 10)
+    second = Conflict("exchange", "probe.x", "type", "topic", "direct")
+
+    message = str(TopologyConflict([first, second]))
+
+    assert "2 conflicting entities:" in message
+    assert (
+        "  - queue 'probe.q1': argument 'x-max-length' is 10 on the broker but the contracts "
+        "want absent"
+    ) in message
+    assert (
+        "  - exchange 'probe.x': argument 'type' is 'direct' on the broker but the contracts "
+        "want 'topic'"
+    ) in message
