@@ -206,7 +206,7 @@ class AioPikaTransport:
         amqp_queue = await channel.declare_queue(queue, passive=True)
 
         async def deliver(message: AbstractIncomingMessage) -> None:
-            await on_message(message)  # type: ignore[arg-type]
+            await on_message(message)
 
         tag = await amqp_queue.consume(deliver, no_ack=False)
         subscription = _AioPikaSubscription(channel, amqp_queue, tag)
