@@ -1,16 +1,22 @@
 """amqtask: typed, durable task queues and RPC for Python, RabbitMQ first."""
 
 from amqtask._app import App
-from amqtask._contract import Contract, Overflow, QueueType, contract
+from amqtask._contract import Contract, Overflow, QueueType, Retry, contract
 from amqtask._exceptions import (
     AmqtaskError,
+    CallError,
+    CallTimeout,
     Conflict,
+    ConnectionLost,
     ContractError,
     DecodeError,
+    InvalidReply,
     NotConnected,
     PublishError,
     PublishNacked,
     PublishTimeout,
+    Reject,
+    RemoteError,
     TopologyConflict,
     TopologyError,
     TopologyMissing,
@@ -23,11 +29,14 @@ __all__ = [
     "Contract",
     "Overflow",
     "QueueType",
+    "Retry",
     "contract",
     # App and worker
     "App",
     "Worker",
     "WorkerSettings",
+    # Signals a handler raises
+    "Reject",
     # Errors
     "AmqtaskError",
     "Conflict",
@@ -41,4 +50,10 @@ __all__ = [
     "TopologyError",
     "TopologyMissing",
     "Unroutable",
+    # Errors of calls
+    "CallError",
+    "CallTimeout",
+    "ConnectionLost",
+    "InvalidReply",
+    "RemoteError",
 ]

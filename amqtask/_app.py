@@ -1,10 +1,11 @@
-"""The app: contracts, handlers, a connection, and confirmed sends."""
+"""The app: contracts, handlers, a connection, confirmed sends and calls."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
@@ -14,7 +15,8 @@ from amqtask import _codec, topology
 from amqtask._contract import Contract, In, Out
 from amqtask._exceptions import ContractError
 from amqtask._transport import AioPikaTransport, Transport
-from amqtask.routing import DEFAULT_NAMESPACE, Names
+from amqtask.routing import DEFAULT_NAMESPACE, Names, delay_routing_key, delay_seconds
+from amqtask.rpc import Caller
 
 HandlerFunc = Callable[[Any], Awaitable[Any]] | Callable[[Any], Any]
 F = TypeVar("F", bound=HandlerFunc)
@@ -27,6 +29,19 @@ class Handler:
     contract: Contract[Any, Any]
     func: HandlerFunc
     is_async: bool
+
+
+def _seconds_until(delay: timedelta | float | None, eta: datetime | None) -> float | None:
+    if delay is not None and eta is not None:
+        raise ValueError("pass either delay or eta, not both")
+    if eta is not None:
+        if eta.tzinfo is None:
+            raise ValueError("eta must be timezone-aware (e.g. datetime.now(UTC) + ...)")
+        # A moment already past runs at once, after the shortest delay.
+        return max((eta - datetime.now(UTC)).total_seconds(), 0.001)
+    if isinstance(delay, timedelta):
+        return delay.total_seconds()
+    return delay
 
 
 class App:
@@ -43,10 +58,12 @@ class App:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         publish_timeout: float | None = 30.0,
+        call_timeout: float = 30.0,
         name: str = "amqtask",
         transport: Transport | None = None,
     ) -> None:
-        """`publish_timeout` bounds how long `send` waits for a confirm (None: no bound).
+        """`publish_timeout` bounds how long `send` waits for a confirm (None: no bound);
+        `call_timeout` is how long `call` waits for a reply unless told otherwise.
 
         Raises `ContractError` when two contracts share a name and version, or a queue with
         different settings.
@@ -54,6 +71,7 @@ class App:
         self.url = url
         self.names = Names(namespace)
         self.publish_timeout = publish_timeout
+        self.call_timeout = call_timeout
         self._contracts: dict[tuple[str, int], Contract[Any, Any]] = {}
         for contract in contracts:
             if contract.key in self._contracts and self._contracts[contract.key] != contract:
@@ -62,6 +80,7 @@ class App:
         self.topology = topology.derive(self._contracts.values(), self.names)
         self.handlers: dict[tuple[str, int], Handler] = {}
         self.transport: Transport = transport or AioPikaTransport(url, name=name)
+        self._caller = Caller(self.transport, self.names.task_exchange)
 
     @property
     def contracts(self) -> tuple[Contract[Any, Any], ...]:
@@ -110,6 +129,7 @@ class App:
         await self.transport.connect()
 
     async def close(self) -> None:
+        await self._caller.close()
         await self.transport.close()
 
     async def __aenter__(self) -> Self:
@@ -131,24 +151,64 @@ class App:
         contract: Contract[In, Any],
         payload: In | Mapping[str, Any],
         *,
+        delay: timedelta | float | None = None,
+        eta: datetime | None = None,
         timeout: float | None = None,
     ) -> str:
         """Validate, publish persistent and mandatory, and wait for the broker's confirm.
 
+        With `delay` (seconds or a timedelta) or `eta` (an aware datetime), the task waits on the
+        broker, in the delay levels, and reaches its queue no earlier than asked and at most about
+        a second later (whole seconds, rounded up); up to `MAX_DELAY_SECONDS` (12 days).
         Returns the message id (stable across redeliveries: use it for idempotency).
-        Raises pydantic's `ValidationError` (nothing published), `Unroutable`, `PublishNacked`,
-        or `PublishTimeout` after `timeout` (default: the app's `publish_timeout`).
+        Raises pydantic's `ValidationError` (nothing published), `ValueError` for a bad delay,
+        `Unroutable`, `PublishNacked`, or `PublishTimeout` after `timeout` (default: the app's
+        `publish_timeout`).
         """
         self._own(contract)
         message = _codec.encode_task(contract, cast(BaseModel | Mapping[str, Any], payload))
+        exchange, routing = self.names.task_exchange, contract.routing_key
+        wait = _seconds_until(delay, eta)
+        if wait is not None:
+            exchange = self.names.delay_entry_exchange
+            routing = delay_routing_key(delay_seconds(wait), contract.queue)
         await self.transport.publish(
-            self.names.task_exchange,
-            contract.routing_key,
+            exchange,
+            routing,
             message,
             task=contract.name,
             timeout=self.publish_timeout if timeout is None else timeout,
         )
         return message.message_id
+
+    async def call(
+        self,
+        contract: Contract[In, Out],
+        payload: In | Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+    ) -> Out:
+        """Run `contract`'s task on a worker and return its result, typed as the output model.
+
+        Returns None for a contract without `returns`, once the handler finished. Any number of
+        calls may be in flight at once. The request is published like `send` (validated,
+        persistent, mandatory, confirmed) with an expiry of `timeout` seconds (default: the
+        app's `call_timeout`): a worker never starts a request whose caller stopped waiting.
+        Replies are at-most-once and calls are never retried.
+
+        Raises pydantic's `ValidationError` (nothing published); `RemoteError` when the handler
+        raised or the worker refused the request, with the remote type, message and traceback;
+        `InvalidReply` (a `RemoteError`) when the result does not fit the output model;
+        `CallTimeout`; `ConnectionLost` when the connection dropped meanwhile; and `send`'s
+        publishing errors (`Unroutable`, `PublishNacked`).
+        """
+        self._own(contract)
+        result = await self._caller.call(
+            contract,
+            cast(BaseModel | Mapping[str, Any], payload),
+            timeout=self.call_timeout if timeout is None else timeout,
+        )
+        return cast(Out, result)
 
     # --- topology ---------------------------------------------------------------------------
 

@@ -1,11 +1,13 @@
 """The one path of a message: encoding, header names and decoding.
 
-Used by `App.send`, the worker and dead-lettering alike, so each header name is written once.
+Used by `App.send`, `App.call`, the worker and dead-lettering alike, so each header name is
+written once.
 Header names carry no `x-` prefix: RabbitMQ reserves those for itself (4.x drops client-set ones).
 """
 
 from __future__ import annotations
 
+import time
 import traceback as tb
 import uuid
 from collections.abc import Mapping
@@ -14,17 +16,23 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from amqtask._contract import Contract
-from amqtask._exceptions import DecodeError
+from amqtask._exceptions import DecodeError, InvalidReply, RemoteError
 
 CONTENT_TYPE = "application/json"
 
 # Headers of a task message.
 TASK = "amqtask-task"
 VERSION = "amqtask-version"
-# Headers amqtask adds to a dead letter.
+# A call's request: when its caller stops waiting, in seconds since the epoch (a float). The broker
+# drops a request still queued then (its `expiration`); the worker drops one it received but had
+# not started by then (held in its prefetch buffer or waiting for a free slot).
+DEADLINE = "amqtask-deadline"
+ATTEMPT = "amqtask-attempt"  # 1 on the first run; our own count: RabbitMQ 4 ignores client x-death
+FIRST_FAILED_AT = "amqtask-first-failed-at"  # ISO 8601, UTC; set by the first failure
+# Headers amqtask adds to a dead letter, and to an error reply (without the time and queue).
 REASON = "amqtask-reason"  # short code: undecodable_body, invalid_payload, handler_error, ...
 ERROR = "amqtask-error"  # human-readable detail
 ERROR_TYPE = "amqtask-error-type"  # exception class of a failed handler
@@ -43,7 +51,9 @@ class Reasons:
     MISSING_TASK_HEADER = "missing_task_header"
     UNKNOWN_TASK = "unknown_task"
     INVALID_PAYLOAD = "invalid_payload"
-    HANDLER_ERROR = "handler_error"
+    INVALID_RESULT = "invalid_result"  # a called handler's return value does not fit `returns`
+    HANDLER_ERROR = "handler_error"  # the last attempt failed, or the error is not retried
+    REJECTED = "rejected"  # the handler raised `amqtask.Reject`
 
 
 @dataclass(slots=True)
@@ -154,6 +164,54 @@ def decode_task(
         ) from None
 
 
+def attempt_of(delivery: Delivery) -> int:
+    """Which attempt this delivery is (1 for a task never retried)."""
+    try:
+        return max(int((delivery.headers or {}).get(ATTEMPT, 1)), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+# Headers the broker adds when it dead-letters. A copy we publish again must not carry them: the
+# broker drops a message dead-lettered into a queue already in its x-death history (cycle
+# detection), which a retry passing the same delay level a second time would trigger.
+_BROKER_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
+
+
+def _fresh_headers(delivery: Delivery) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in (delivery.headers or {}).items()
+        if not key.startswith(_BROKER_DEATH_HEADERS)
+    }
+
+
+def _failure(headers: dict[str, Any], exc: BaseException) -> None:
+    now = datetime.now(UTC).isoformat()
+    headers.setdefault(FIRST_FAILED_AT, now)
+    headers[FAILED_AT] = now
+    headers[ERROR] = f"{type(exc).__name__}: {exc}"[:_MAX_HEADER_TEXT]
+    headers[ERROR_TYPE] = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    headers[TRACEBACK] = trimmed_traceback(exc)
+
+
+def retry_copy(delivery: Delivery, *, attempt: int, exc: BaseException) -> Outgoing:
+    """A copy of a failed delivery for attempt number `attempt`, with the failure recorded.
+
+    Body and message id are kept, so the retried task is the same task to an idempotent handler.
+    """
+    headers = _fresh_headers(delivery)
+    _failure(headers, exc)
+    headers[ATTEMPT] = attempt
+    return Outgoing(
+        body=delivery.body,
+        message_id=delivery.message_id or new_message_id(),
+        headers=headers,
+        content_type=delivery.content_type,
+        correlation_id=delivery.correlation_id,
+    )
+
+
 def trimmed_traceback(exc: BaseException, limit: int = _MAX_HEADER_TEXT) -> str:
     """The exception's traceback, keeping its end (where it was raised) within `limit`."""
     text = "".join(tb.format_exception(exc))
@@ -170,9 +228,14 @@ def dead_letter(
 ) -> Outgoing:
     """A copy of `delivery` for its dead-letter queue, with why it failed in the headers.
 
-    The body and message id are kept byte for byte, so it can be inspected and replayed.
+    The body and message id are kept byte for byte, so it can be inspected and replayed. With
+    `exc`, the headers also hold its type and traceback, the attempt count and the first and
+    last failure times.
     """
-    headers = dict(delivery.headers or {})
+    headers = _fresh_headers(delivery)
+    if exc is not None:
+        _failure(headers, exc)
+        headers[ATTEMPT] = attempt_of(delivery)
     headers.update(
         {
             REASON: reason,
@@ -181,9 +244,6 @@ def dead_letter(
             ORIGIN_QUEUE: queue,
         }
     )
-    if exc is not None:
-        headers[ERROR_TYPE] = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        headers[TRACEBACK] = trimmed_traceback(exc)
     return Outgoing(
         body=delivery.body,
         message_id=delivery.message_id or new_message_id(),
@@ -191,3 +251,135 @@ def dead_letter(
         content_type=delivery.content_type,
         correlation_id=delivery.correlation_id,
     )
+
+
+# --- calls and replies ----------------------------------------------------------------------
+
+
+def encode_call(
+    contract: Contract[Any, Any],
+    payload: BaseModel | Mapping[str, Any],
+    *,
+    reply_to: str,
+    timeout: float,
+) -> Outgoing:
+    """A task message that asks for a reply: its message id doubles as the correlation id.
+
+    Raises `ValidationError`, publishing nothing.
+    """
+    message = encode_task(contract, payload)
+    message.correlation_id = message.message_id
+    message.reply_to = reply_to
+    message.expiration = timeout
+    message.headers[DEADLINE] = time.time() + timeout
+    return message
+
+
+def call_expired(delivery: Delivery, now: float | None = None) -> bool:
+    """Whether a request's caller has stopped waiting (its `amqtask-deadline` has passed).
+
+    Only a delivery with `reply_to` is a pending call: a dead letter replayed as a plain task
+    keeps the header but has no caller left, so it runs.
+    """
+    if not delivery.reply_to:
+        return False
+    try:
+        deadline = float((delivery.headers or {})[DEADLINE])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return (time.time() if now is None else now) > deadline
+
+
+_adapters: dict[Any, TypeAdapter[Any]] = {}
+
+
+def _adapter(output: Any) -> TypeAdapter[Any]:
+    """A validator for an output model (or any type pydantic knows), built once per type."""
+    adapter = _adapters.get(output)
+    if adapter is None:
+        adapter = _adapters[output] = TypeAdapter(output)
+    return adapter
+
+
+def encode_reply(contract: Contract[Any, Any], result: Any, *, request: Delivery) -> Outgoing:
+    """The reply to a call: the result as the output model's JSON (`null` without one).
+
+    Raises `ValidationError` when the result does not fit the contract's output model.
+    """
+    if contract.output is None:
+        body = b"null"
+    else:
+        adapter = _adapter(contract.output)
+        body = adapter.dump_json(adapter.validate_python(result))
+    return Outgoing(
+        body=body,
+        message_id=new_message_id(),
+        headers={TASK: contract.name, VERSION: contract.version},
+        correlation_id=request.correlation_id,
+    )
+
+
+def error_reply(
+    request: Delivery,
+    *,
+    reason: str,
+    error: str,
+    exc: BaseException | None = None,
+    traceback: bool = True,
+) -> Outgoing:
+    """The reply to a call that failed: why in the headers (the same as a dead letter's), no body.
+
+    `error` is the message; with `exc`, its type and (unless `traceback` is false) its trimmed
+    traceback are added.
+    """
+    headers: dict[str, Any] = {REASON: reason, ERROR: error[:_MAX_HEADER_TEXT]}
+    task = (request.headers or {}).get(TASK)
+    if task is not None:
+        headers[TASK] = header_text(task)
+    if exc is not None:
+        headers[ERROR_TYPE] = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        if traceback:
+            headers[TRACEBACK] = trimmed_traceback(exc)
+    return Outgoing(
+        body=b"",
+        message_id=new_message_id(),
+        headers=headers,
+        content_type=None,
+        correlation_id=request.correlation_id,
+    )
+
+
+def decode_reply(contract: Contract[Any, Any], delivery: Delivery) -> Any:
+    """The call's result from its reply, as the contract's output model (None without one).
+
+    Raises `RemoteError` for an error reply, `InvalidReply` when the result does not fit.
+    """
+    headers = delivery.headers or {}
+    correlation_id = delivery.correlation_id or ""
+    reason = header_text(headers.get(REASON))
+    if reason is not None:
+        error = InvalidReply if reason == Reasons.INVALID_RESULT else RemoteError
+        raise error(
+            task=contract.name,
+            correlation_id=correlation_id,
+            reason=reason,
+            remote_type=header_text(headers.get(ERROR_TYPE)) or "unknown",
+            remote_message=header_text(headers.get(ERROR)) or "",
+            remote_traceback=header_text(headers.get(TRACEBACK)) or "",
+        )
+    if contract.output is None:
+        return None
+    try:
+        return _adapter(contract.output).validate_json(delivery.body)
+    except ValidationError as exc:
+        raise InvalidReply(
+            task=contract.name,
+            correlation_id=correlation_id,
+            reason=Reasons.INVALID_RESULT,
+            remote_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            remote_message=f"the reply does not fit {_name(contract.output)}: {exc}",
+        ) from None
+
+
+def _name(output: Any) -> str:
+    return getattr(output, "__name__", repr(output))

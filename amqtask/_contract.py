@@ -19,6 +19,7 @@ from amqtask.routing import default_queue_name, routing_key
 In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out")
 
+_WILDCARD = {"*", "#"}  # topic wildcards: a queue name ends the delay routing key
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 
 
@@ -37,6 +38,51 @@ class Overflow(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Retry:
+    """How a failing task is retried: on the broker, through the delay levels, with backoff.
+
+    `attempts` counts executions, the first included: `attempts=1` never retries. Attempt n
+    (n >= 2) waits `min(initial * backoff ** (n - 2), max_delay)` seconds after the failure
+    before it runs (rounded up to whole seconds). Only exceptions that are instances of one of
+    `on` are retried; others go straight to the dead-letter queue.
+    """
+
+    attempts: int = 5
+    backoff: float = 2.0
+    initial: float = 1.0
+    max_delay: float = 600.0
+    on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise ContractError(f"Retry.attempts must be an integer, got {self.attempts!r}")
+        if self.attempts < 1:
+            raise ContractError(f"Retry.attempts must be at least 1, got {self.attempts}")
+        if self.backoff < 1 or self.initial <= 0 or self.max_delay < self.initial:
+            raise ContractError(
+                "Retry needs backoff >= 1, initial > 0 and max_delay >= initial, got "
+                f"backoff={self.backoff}, initial={self.initial}, max_delay={self.max_delay}"
+            )
+        if not isinstance(self.on, tuple):
+            object.__setattr__(self, "on", tuple(self.on))
+
+    def delay_before(self, attempt: int) -> float:
+        """Seconds to wait before attempt number `attempt` (2 for the first retry)."""
+        return min(self.initial * self.backoff ** max(attempt - 2, 0), self.max_delay)
+
+    def retries(self, exc: BaseException, attempt: int) -> bool:
+        """Whether a failure of attempt number `attempt` with `exc` gets another attempt."""
+        return attempt < self.attempts and isinstance(exc, self.on)
+
+
+NO_RETRY = Retry(attempts=1)
+
+DEFAULT_DELIVERY_LIMIT = 10
+"""Redeliveries a quorum queue allows before dead-lettering: the guard against a message that
+kills its worker before it can be acked (each crash means one redelivery)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Contract(Generic[In, Out]):
     """A task's name, input and output models, queue and version.
 
@@ -52,6 +98,8 @@ class Contract(Generic[In, Out]):
     max_length: int | None = None
     overflow: Overflow = Overflow.REJECT_PUBLISH
     version: int = 1
+    retry: Retry = Retry()
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
 
     @property
     def routing_key(self) -> str:
@@ -78,6 +126,8 @@ def contract(
     max_length: int | None = None,
     overflow: Overflow | str = Overflow.REJECT_PUBLISH,
     version: int = 1,
+    retry: Retry | None = None,
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
 ) -> Contract[In, None]: ...
 
 
@@ -92,6 +142,8 @@ def contract(
     max_length: int | None = None,
     overflow: Overflow | str = Overflow.REJECT_PUBLISH,
     version: int = 1,
+    retry: Retry | None = None,
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
 ) -> Contract[In, Out]: ...
 
 
@@ -105,6 +157,8 @@ def contract(
     max_length: int | None = None,
     overflow: Overflow | str = Overflow.REJECT_PUBLISH,
     version: int = 1,
+    retry: Retry | None = None,
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
 ) -> Contract[In, Any]:
     """Declare a task.
 
@@ -112,7 +166,9 @@ def contract(
     that every message is validated against at both ends; `returns` the model of the result that
     `App.call` hands back. `queue` defaults to the name (see the naming convention in the README).
     `max_length` bounds the work queue's ready messages; with the default overflow
-    `reject-publish` a full queue makes `send` raise `QueueFull` instead of losing messages.
+    `reject-publish` a full queue makes `send` raise `PublishNacked` instead of losing messages.
+    `retry` is the retry policy (default `Retry()`: 5 attempts, 1 s, 2 s, 4 s, 8 s apart);
+    `delivery_limit` bounds redeliveries of a message whose worker died before acking (quorum).
 
     Raises `ContractError` for an invalid name, version, model or limit.
     """
@@ -129,10 +185,18 @@ def contract(
     ):
         raise ContractError(f"task {name!r}: max_length must be at least 1, got {max_length!r}")
     queue = default_queue_name(name, version) if queue is None else queue
-    if not queue or len(queue.encode()) > 200 or queue.startswith("amq."):
+    if not queue or len(queue.encode()) > 200 or queue.startswith("amq.") or _WILDCARD & set(queue):
         raise ContractError(
             f"task {name!r}: invalid queue name {queue!r} "
-            "(1-200 bytes, and 'amq.' is reserved by RabbitMQ)"
+            "(1-200 bytes, no '*' or '#', and 'amq.' is reserved by RabbitMQ)"
+        )
+    if (
+        isinstance(delivery_limit, bool)
+        or not isinstance(delivery_limit, int)
+        or delivery_limit < 1
+    ):
+        raise ContractError(
+            f"task {name!r}: delivery_limit must be at least 1, got {delivery_limit!r}"
         )
     try:
         queue_type = QueueType(queue_type)
@@ -148,4 +212,6 @@ def contract(
         max_length=max_length,
         overflow=overflow,
         version=version,
+        retry=Retry() if retry is None else retry,
+        delivery_limit=delivery_limit,
     )

@@ -12,7 +12,14 @@ The hierarchy:
     │   ├── TopologyConflict    an entity exists with another type or other arguments
     │   └── TopologyMissing     an entity the worker needs does not exist
     ├── DecodeError             an incoming message cannot be turned into a task
+    ├── CallError               `App.call` got no result
+    │   ├── RemoteError         the handler raised, or the worker refused the request
+    │   │   └── InvalidReply    the result does not fit the contract's output model
+    │   ├── CallTimeout         no reply within the timeout (the request expires unprocessed)
+    │   └── ConnectionLost      the connection dropped while the call was in flight
     └── NotConnected            the app is used outside `async with app`
+
+    Reject                      not an error: a handler raises it to dead-letter its task now
 
 Pydantic's `ValidationError` is raised unwrapped where a payload does not fit its model.
 """
@@ -140,3 +147,85 @@ class DecodeError(AmqtaskError):
         self.reason = reason
         self.detail = detail
         self.body = body
+
+
+# --- signals a handler raises on purpose (not errors: outside AmqtaskError) ----------------------
+
+
+class Reject(Exception):
+    """Raise from a handler to send the task straight to the dead-letter queue, never retried.
+
+    `reason` is written to the dead letter's `amqtask-error` header.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --- rpc ------------------------------------------------------------------------------------
+
+
+class CallError(AmqtaskError):
+    """`App.call` did not produce a result; `task` names the contract called."""
+
+    def __init__(self, message: str, *, task: str, correlation_id: str) -> None:
+        super().__init__(message)
+        self.task = task
+        self.correlation_id = correlation_id
+
+
+class RemoteError(CallError):
+    """The worker answered the call with an error instead of a result.
+
+    `remote_type` is the exception's qualified class name on the worker (for example
+    `builtins.KeyError`), `remote_message` its message and `remote_traceback` its trimmed
+    traceback (empty where there is none). `reason` says what failed: `handler_error` when the
+    handler raised, or why the worker refused the request (`invalid_payload`, `unknown_task`, ...);
+    a refused request is dead-lettered too.
+    """
+
+    def __init__(
+        self,
+        *,
+        task: str,
+        correlation_id: str,
+        reason: str,
+        remote_type: str,
+        remote_message: str,
+        remote_traceback: str = "",
+    ) -> None:
+        super().__init__(
+            f"task {task!r} failed on the worker ({reason}): {remote_type}: {remote_message}",
+            task=task,
+            correlation_id=correlation_id,
+        )
+        self.reason = reason
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+
+class InvalidReply(RemoteError):
+    """The call's result does not fit the contract's output model.
+
+    The worker checks the handler's return value before replying, and the caller checks the
+    reply; a mismatch at either end (a buggy handler, or caller and worker holding different
+    versions of the model) raises this, with pydantic's validation message as `remote_message`.
+    """
+
+
+class CallTimeout(CallError):
+    """No reply arrived within the call's timeout.
+
+    The request was published with an expiry equal to the timeout: a worker that had not started
+    it drops it. One that had started it may still finish it; its late reply is discarded.
+    """
+
+
+class ConnectionLost(CallError):
+    """The connection (or the channel the call used) closed while the call was in flight.
+
+    Replies travel over that channel, so every call in flight on it fails at once; the request
+    may or may not have been processed. Later calls use the restored connection.
+    """

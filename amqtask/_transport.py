@@ -2,6 +2,7 @@
 
 Publishing and consuming use separate channels of one robust connection: a slow consumer never
 holds up publishes, and a channel closed by a consume-side error does not fail in-flight confirms.
+Calls have a channel of their own (see `ReplyChannel`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Protocol
 
 import aio_pika
 import aio_pika.exceptions
+import aiormq.abc
 import aiormq.exceptions
 import structlog
 from aio_pika.abc import (
@@ -20,6 +22,7 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 
@@ -44,6 +47,24 @@ class Subscription(Protocol):
     async def cancel(self) -> None: ...
 
 
+OnReply = Callable[[Delivery], None]
+OnLost = Callable[[BaseException | None], None]
+
+
+class ReplyChannel(Protocol):
+    """Publishes call requests and receives their replies, addressed to `reply_to`.
+
+    `on_reply` gets every reply; `on_lost` is told when replies to requests already published
+    can no longer arrive (the channel or connection closed). Later requests work again.
+    """
+
+    @property
+    def reply_to(self) -> str: ...
+    async def request(
+        self, exchange: str, routing_key: str, message: Outgoing, *, task: str
+    ) -> None: ...
+
+
 class Transport(Protocol):
     """What amqtask needs of a broker connection."""
 
@@ -65,6 +86,7 @@ class Transport(Protocol):
     async def plan(self, topology: topo.Topology) -> topo.Plan: ...
     async def apply(self, plan: topo.Plan) -> None: ...
     async def ensure_exists(self, topology: topo.Topology, queues: Iterable[str]) -> None: ...
+    def reply_channel(self, on_reply: OnReply, on_lost: OnLost) -> ReplyChannel: ...
 
 
 # Settling a delivery whose channel died fails with one of these; the broker redelivers it.
@@ -74,6 +96,62 @@ SETTLE_ERRORS: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.MessageProcessError,
     ConnectionError,
 )
+
+
+async def _publish(
+    target: AbstractExchange,
+    routing_key: str,
+    message: Outgoing,
+    *,
+    task: str,
+    timeout: float | None,
+    mandatory: bool,
+) -> None:
+    """Publish persistent on `target`'s channel and wait for the broker's confirm."""
+    exchange = target.name
+    amqp_message = aio_pika.Message(
+        message.body,
+        headers=message.headers,
+        content_type=message.content_type,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        expiration=message.expiration,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            await target.publish(amqp_message, routing_key, mandatory=mandatory)
+    except aio_pika.exceptions.PublishError:
+        raise Unroutable(
+            f"task {task!r}: no queue is bound to exchange {exchange!r} with routing key "
+            f"{routing_key!r}; the message was returned, not stored. "
+            "Run `amqtask declare MODULE:APP` to create the topology.",
+            task=task,
+            message_id=message.message_id,
+        ) from None
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        # The broker closed the channel (404); the robust channel reopens it for the next send.
+        raise Unroutable(
+            f"task {task!r}: exchange {exchange!r} does not exist; the message was not stored. "
+            "Run `amqtask declare MODULE:APP` to create the topology.",
+            task=task,
+            message_id=message.message_id,
+        ) from None
+    except aio_pika.exceptions.DeliveryError as exc:
+        raise PublishNacked(
+            f"task {task!r}: the broker refused message {message.message_id} "
+            f"({type(exc.frame).__name__})",
+            task=task,
+            message_id=message.message_id,
+        ) from None
+    except TimeoutError:
+        raise PublishTimeout(
+            f"task {task!r}: no confirm for message {message.message_id} within {timeout} s "
+            "(is the broker blocking publishers or unreachable?); it may still be delivered",
+            task=task,
+            message_id=message.message_id,
+        ) from None
 
 
 class _AioPikaSubscription:
@@ -90,6 +168,72 @@ class _AioPikaSubscription:
     async def close(self) -> None:
         if not self._channel.is_closed:
             await self._channel.close()
+
+
+# RabbitMQ's direct reply-to pseudo-queue: no queue to declare, replies go to the consuming channel.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class _AioPikaReplyChannel:
+    """Direct reply-to: one channel with confirms consumes `amq.rabbitmq.reply-to` (no-ack) and
+    publishes the requests, since the broker hands a reply to the channel that sent the request.
+
+    Opened at the first request. Publishing with this `reply_to` on a channel that does not
+    consume it is a channel error, so before each request we make sure the consumer runs on the
+    current AMQP channel: after a reconnect the robust channel reopens as a new AMQP channel
+    without it, and the next request starts it again. The old channel's replies are lost, which
+    `on_lost` reports when it closes.
+    """
+
+    reply_to = DIRECT_REPLY_TO
+
+    def __init__(self, transport: AioPikaTransport, on_reply: OnReply, on_lost: OnLost) -> None:
+        self._transport = transport
+        self._on_reply, self._on_lost = on_reply, on_lost
+        self._channel: AbstractRobustChannel | None = None
+        self._consuming: object = None  # the AMQP channel our reply consumer runs on
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._opening = asyncio.Lock()  # taken only to open the channel or start the consumer
+
+    async def request(
+        self, exchange: str, routing_key: str, message: Outgoing, *, task: str
+    ) -> None:
+        """Publish a request (mandatory, confirmed) once the reply consumer runs.
+
+        Raises like `publish`; the caller bounds the wait.
+        """
+        channel = await self._ready()
+        target = self._exchanges.get(exchange)
+        if target is None:
+            target = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
+        await _publish(target, routing_key, message, task=task, timeout=None, mandatory=True)
+
+    async def _ready(self) -> AbstractRobustChannel:
+        channel = self._channel
+        if channel is not None:
+            await channel.ready()  # waits while the connection is being restored
+            if await channel.get_underlay_channel() is self._consuming:
+                return channel
+        async with self._opening:
+            if self._channel is None:
+                self._channel = await self._transport.connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                self._channel.close_callbacks.add(self._closed)
+            channel = self._channel
+            await channel.ready()
+            underlay = await channel.get_underlay_channel()
+            if underlay is not self._consuming:
+                await underlay.basic_consume(DIRECT_REPLY_TO, self._deliver, no_ack=True)
+                self._consuming = underlay
+            return channel
+
+    async def _deliver(self, message: aiormq.abc.DeliveredMessage) -> None:
+        self._on_reply(aio_pika.IncomingMessage(message, no_ack=True))
+
+    def _closed(self, _channel: object, exc: BaseException | None) -> None:
+        self._consuming = None
+        self._on_lost(exc)
 
 
 class AioPikaTransport:
@@ -153,49 +297,9 @@ class AioPikaTransport:
         Raises `Unroutable` (returned by `mandatory`), `PublishNacked`, or `PublishTimeout`.
         """
         target = await self._exchange(exchange)
-        amqp_message = aio_pika.Message(
-            message.body,
-            headers=message.headers,
-            content_type=message.content_type,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            expiration=message.expiration,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        await _publish(
+            target, routing_key, message, task=task, timeout=timeout, mandatory=mandatory
         )
-        try:
-            async with asyncio.timeout(timeout):
-                await target.publish(amqp_message, routing_key, mandatory=mandatory)
-        except aio_pika.exceptions.PublishError:
-            raise Unroutable(
-                f"task {task!r}: no queue is bound to exchange {exchange!r} with routing key "
-                f"{routing_key!r}; the message was returned, not stored. "
-                "Run `amqtask declare MODULE:APP` to create the topology.",
-                task=task,
-                message_id=message.message_id,
-            ) from None
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            # The broker closed the channel (404); the robust channel reopens it for the next send.
-            raise Unroutable(
-                f"task {task!r}: exchange {exchange!r} does not exist; the message was not stored. "
-                "Run `amqtask declare MODULE:APP` to create the topology.",
-                task=task,
-                message_id=message.message_id,
-            ) from None
-        except aio_pika.exceptions.DeliveryError as exc:
-            raise PublishNacked(
-                f"task {task!r}: the broker refused message {message.message_id} "
-                f"({type(exc.frame).__name__})",
-                task=task,
-                message_id=message.message_id,
-            ) from None
-        except TimeoutError:
-            raise PublishTimeout(
-                f"task {task!r}: no confirm for message {message.message_id} within {timeout} s "
-                "(is the broker blocking publishers or unreachable?); it may still be delivered",
-                task=task,
-                message_id=message.message_id,
-            ) from None
 
     async def consume(self, queue: str, on_message: OnMessage, *, prefetch: int) -> Subscription:
         """Consume `queue` with manual acks on a channel of its own with `prefetch` in flight."""
@@ -212,6 +316,10 @@ class AioPikaTransport:
         subscription = _AioPikaSubscription(channel, amqp_queue, tag)
         self._subscriptions.append(subscription)
         return subscription
+
+    def reply_channel(self, on_reply: OnReply, on_lost: OnLost) -> ReplyChannel:
+        """A channel for calls; it opens (on this transport's connection) at the first request."""
+        return _AioPikaReplyChannel(self, on_reply, on_lost)
 
     async def _plain_connection(self) -> AbstractConnection:
         # Topology probes close channels on purpose (404/406); a plain connection keeps that away

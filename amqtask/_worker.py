@@ -4,8 +4,16 @@ Every delivery ends in exactly one of:
 - handler returned            -> ack (only now: a crash before this means redelivery);
 - undecodable or invalid      -> a copy with the reason in its headers is published to the
                                  dead-letter queue and confirmed, then the original is acked;
-- handler raised              -> the same, with the exception's type, message and traceback;
+- handler raised, retries left -> a copy for the next attempt goes through the broker's delay
+                                 levels (backoff), confirmed, then the original is acked;
+- handler raised, no retry     -> dead-lettered with the exception's type, message, traceback,
+                                 attempt count and first/last failure times;
+- handler raised `Reject`      -> dead-lettered at once;
 - shutdown before it finished -> left unacked: the broker redelivers it to another consumer.
+
+A call (a delivery with `reply_to`) is the same task with an answer: the worker replies with the
+result, or with the error next to the dead-lettering (a call is never retried), and drops a call
+whose caller stopped waiting before it could start (`call_expired`; acked, not run).
 """
 
 from __future__ import annotations
@@ -18,11 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from amqtask import _codec
 from amqtask._app import App, Handler
-from amqtask._exceptions import AmqtaskError, DecodeError
+from amqtask._contract import Contract
+from amqtask._exceptions import AmqtaskError, DecodeError, Reject
 from amqtask._transport import SETTLE_ERRORS, IncomingDelivery, Subscription
+from amqtask.routing import delay_routing_key, delay_seconds
 
 log = structlog.get_logger("amqtask.worker")
 
@@ -158,26 +169,172 @@ class Worker:
             contract, payload = _codec.decode_task(delivery, self._contracts)
         except DecodeError as exc:
             task_name = _codec.header_text((delivery.headers or {}).get(_codec.TASK))
+            await self._reply_error(
+                delivery, reason=exc.reason, error=exc.detail, exc=exc, traceback=False
+            )
             await self._dead_letter(queue, delivery, reason=exc.reason, error=exc.detail)
             self._outcome("rejected", task_name, message_id, started, reason=exc.reason)
             return
+        if _codec.call_expired(delivery):
+            # The caller has given up: nobody would read the result.
+            await self._settle(delivery, "ack")
+            self.counts["expired"] += 1
+            log.warning(
+                "call_expired",
+                task=contract.name,
+                message_id=message_id,
+                correlation_id=delivery.correlation_id,
+            )
+            return
         handler = self.app.handlers[contract.key]
+        attempt = _codec.attempt_of(delivery)
         try:
-            await self._run_handler(handler, payload)
+            result = await self._run_handler(handler, payload)
+        except Reject as signal:
+            await self._reply_error(
+                delivery, reason=_codec.Reasons.REJECTED, error=signal.reason, exc=signal
+            )
+            await self._dead_letter(
+                queue, delivery, reason=_codec.Reasons.REJECTED, error=signal.reason, exc=signal
+            )
+            self._outcome("rejected", contract.name, message_id, started, reason=signal.reason)
+            return
         except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            # A call's caller is waiting: its failure is answered, not retried later.
+            if delivery.reply_to is None and contract.retry.retries(exc, attempt):
+                delay = await self._retry(queue, delivery, contract, attempt, exc)
+                self._outcome(
+                    "retried",
+                    contract.name,
+                    message_id,
+                    started,
+                    attempt=attempt,
+                    retry_in_s=delay,
+                    error=error,
+                )
+                return
+            await self._reply_error(
+                delivery, reason=_codec.Reasons.HANDLER_ERROR, error=str(exc), exc=exc
+            )
+            await self._dead_letter(
+                queue, delivery, reason=_codec.Reasons.HANDLER_ERROR, error=error, exc=exc
+            )
+            self._outcome(
+                "failed", contract.name, message_id, started, attempt=attempt, error=error
+            )
+            return
+        if delivery.reply_to and not await self._reply(queue, contract, delivery, result):
+            self._outcome(
+                "failed",
+                contract.name,
+                message_id,
+                started,
+                attempt=attempt,
+                reason=_codec.Reasons.INVALID_RESULT,
+            )
+            return
+        await self._settle(delivery, "ack")
+        self._outcome("succeeded", contract.name, message_id, started, attempt=attempt)
+
+    async def _retry(
+        self,
+        queue: str,
+        delivery: IncomingDelivery,
+        contract: Contract[Any, Any],
+        attempt: int,
+        exc: BaseException,
+    ) -> int | None:
+        """Re-publish through the delay levels for the next attempt, confirmed, then ack.
+
+        The worker holds nothing while the task waits: the delay is a broker queue's TTL.
+        Returns the delay in seconds, or None if the copy could not be published (then the task
+        is dead-lettered rather than lost or retried in a tight loop).
+        """
+        seconds = delay_seconds(contract.retry.delay_before(attempt + 1))
+        copy = _codec.retry_copy(delivery, attempt=attempt + 1, exc=exc)
+        try:
+            await self.app.transport.publish(
+                self.app.names.delay_entry_exchange,
+                delay_routing_key(seconds, queue),
+                copy,
+                task=contract.name,
+                timeout=self.app.publish_timeout,
+            )
+        except _DEAD_LETTER_ERRORS as publish_error:
+            log.error(
+                "retry_publish_failed", message_id=delivery.message_id, error=repr(publish_error)
+            )
             await self._dead_letter(
                 queue,
                 delivery,
                 reason=_codec.Reasons.HANDLER_ERROR,
-                error=f"{type(exc).__name__}: {exc}",
+                error=f"{type(exc).__name__}: {exc} (no retry: {publish_error})",
                 exc=exc,
             )
-            self._outcome(
-                "failed", contract.name, message_id, started, error=f"{type(exc).__name__}: {exc}"
-            )
-            return
+            return None
         await self._settle(delivery, "ack")
-        self._outcome("succeeded", contract.name, message_id, started)
+        return seconds
+
+    async def _reply(
+        self, queue: str, contract: Contract[Any, Any], delivery: IncomingDelivery, result: Any
+    ) -> bool:
+        """Answer a call with the handler's result, checked against the output model.
+
+        A result that does not fit is answered with an error and dead-lettered: returns False.
+        """
+        try:
+            reply = _codec.encode_reply(contract, result, request=delivery)
+        except ValidationError as exc:
+            output = getattr(contract.output, "__name__", repr(contract.output))
+            error = f"the handler's result does not fit {output}: {exc}"
+            await self._reply_error(
+                delivery, reason=_codec.Reasons.INVALID_RESULT, error=error, exc=exc
+            )
+            await self._dead_letter(
+                queue, delivery, reason=_codec.Reasons.INVALID_RESULT, error=error, exc=exc
+            )
+            return False
+        await self._send_reply(delivery, reply)
+        return True
+
+    async def _reply_error(
+        self,
+        delivery: IncomingDelivery,
+        *,
+        reason: str,
+        error: str,
+        exc: BaseException | None = None,
+        traceback: bool = True,
+    ) -> None:
+        """Tell a waiting caller why its call failed (nothing for a task sent without reply_to)."""
+        if delivery.reply_to:
+            reply = _codec.error_reply(
+                delivery, reason=reason, error=error, exc=exc, traceback=traceback
+            )
+            await self._send_reply(delivery, reply)
+
+    async def _send_reply(self, delivery: IncomingDelivery, reply: _codec.Outgoing) -> None:
+        # Through the default exchange to the caller's direct reply-to address, and not
+        # `mandatory`: RabbitMQ 3.10 returns those as unroutable. A caller that has gone makes
+        # the broker drop the reply (at-most-once); a publish that fails is logged, not retried.
+        assert delivery.reply_to
+        try:
+            await self.app.transport.publish(
+                "",
+                delivery.reply_to,
+                reply,
+                task=_codec.header_text(reply.headers.get(_codec.TASK)) or "?",
+                timeout=self.app.publish_timeout,
+                mandatory=False,
+            )
+        except _DEAD_LETTER_ERRORS as exc:
+            log.warning(
+                "reply_failed",
+                message_id=delivery.message_id,
+                correlation_id=delivery.correlation_id,
+                error=repr(exc),
+            )
 
     async def _run_handler(self, handler: Handler, payload: Any) -> Any:
         if handler.is_async:
@@ -239,7 +396,7 @@ class Worker:
         **extra: Any,
     ) -> None:
         self.counts[outcome] += 1
-        level = log.info if outcome == "succeeded" else log.warning
+        level = log.info if outcome in ("succeeded", "retried") else log.warning
         level(
             f"task_{outcome}",
             task=task,

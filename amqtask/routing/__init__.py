@@ -1,5 +1,14 @@
 """Pure routing: broker names and routing keys derived from contracts. No I/O."""
 
+from amqtask.routing._delay import (
+    DELAY_LEVELS,
+    MAX_DELAY_SECONDS,
+    delay_routing_key,
+    delay_seconds,
+    deliver_pattern,
+    level_pattern,
+    level_ttl_ms,
+)
 from amqtask.routing._names import (
     DEFAULT_NAMESPACE,
     Names,
@@ -9,6 +18,13 @@ from amqtask.routing._names import (
 )
 
 __all__ = [
+    "DELAY_LEVELS",
+    "MAX_DELAY_SECONDS",
+    "delay_routing_key",
+    "delay_seconds",
+    "deliver_pattern",
+    "level_pattern",
+    "level_ttl_ms",
     "DEFAULT_NAMESPACE",
     "Names",
     "dead_letter_queue_name",

@@ -6,6 +6,9 @@ The convention (also in the README):
     {queue}                  a contract's work queue (default: the task name, `.v{N}` from v2 on)
     {namespace}.dead         direct exchange for dead letters, routing key = the work queue's name
     {queue}.dead             the work queue's dead-letter queue
+    {namespace}.delay.{k}    topic exchange and quorum queue of delay level k (TTL 2**k s),
+                             k = 0..19; see `amqtask.routing._delay`
+    {namespace}.delay.deliver  topic exchange that hands delayed messages to their work queue
 
 `namespace` defaults to "amqtask"; apps that share a broker but must not share exchanges (tests,
 tenants) pick their own.
@@ -14,6 +17,8 @@ tenants) pick their own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from amqtask.routing._delay import DELAY_LEVELS
 
 DEFAULT_NAMESPACE = "amqtask"
 
@@ -46,3 +51,20 @@ class Names:
     @property
     def dead_letter_exchange(self) -> str:
         return f"{self.namespace}.dead"
+
+    def delay_level(self, level: int) -> str:
+        """Name of delay level `level`'s exchange and of its queue (one of each)."""
+        return f"{self.namespace}.delay.{level}"
+
+    @property
+    def delay_entry_exchange(self) -> str:
+        """Where a delayed message is published: the highest level."""
+        return self.delay_level(DELAY_LEVELS - 1)
+
+    @property
+    def delay_deliver_exchange(self) -> str:
+        return f"{self.namespace}.delay.deliver"
+
+    def after_level(self, level: int) -> str:
+        """The exchange a message goes to once level `level` is done with it."""
+        return self.delay_level(level - 1) if level > 0 else self.delay_deliver_exchange

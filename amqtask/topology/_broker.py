@@ -104,7 +104,11 @@ async def apply(connection: AbstractConnection, plan: Plan) -> None:
     async with connection.channel(publisher_confirms=False) as channel:
         raw = await channel.get_underlay_channel()
         for entity in plan.to_apply:
-            if isinstance(entity, Binding):
+            if isinstance(entity, Binding) and entity.to_exchange:
+                await raw.exchange_bind(
+                    destination=entity.queue, source=entity.exchange, routing_key=entity.routing_key
+                )
+            elif isinstance(entity, Binding):
                 await raw.queue_bind(
                     queue=entity.queue, exchange=entity.exchange, routing_key=entity.routing_key
                 )

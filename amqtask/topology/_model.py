@@ -8,7 +8,14 @@ from typing import Any
 
 from amqtask._contract import Contract, Overflow, QueueType
 from amqtask._exceptions import ContractError
-from amqtask.routing import Names, dead_letter_queue_name
+from amqtask.routing import (
+    DELAY_LEVELS,
+    Names,
+    dead_letter_queue_name,
+    deliver_pattern,
+    level_pattern,
+    level_ttl_ms,
+)
 
 ArgValue = str | int | bool
 Arguments = tuple[tuple[str, ArgValue], ...]
@@ -63,22 +70,31 @@ class Queue:
 
 @dataclass(frozen=True, slots=True)
 class Binding:
+    """Routes `exchange`'s messages matching `routing_key` to a queue, or to an exchange."""
+
     exchange: str
-    queue: str
+    queue: str  # the destination's name: an exchange's when `to_exchange`
     routing_key: str
+    to_exchange: bool = False
 
     kind = "binding"
 
     @property
+    def destination_kind(self) -> str:
+        return "exchange" if self.to_exchange else "queue"
+
+    @property
     def name(self) -> str:
-        return f"{self.exchange} -> {self.queue} [{self.routing_key}]"
+        arrow = "=> exchange " if self.to_exchange else "-> "
+        return f"{self.exchange} {arrow}{self.queue} [{self.routing_key}]"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "name": self.name,
             "exchange": self.exchange,
-            "queue": self.queue,
+            "destination_kind": self.destination_kind,
+            "destination": self.queue,
             "routing_key": self.routing_key,
         }
 
@@ -120,6 +136,10 @@ def work_queue(contract: Contract[Any, Any], names: Names) -> Queue:
         args["x-max-length"] = contract.max_length
         args["x-overflow"] = contract.overflow.value
     bounded_drop_head = contract.max_length is not None and contract.overflow is Overflow.DROP_HEAD
+    if contract.queue_type is QueueType.QUORUM:
+        # Each crash of a worker before its ack is one redelivery: past the limit, the broker
+        # dead-letters the message instead of feeding it to the next worker.
+        args["x-delivery-limit"] = contract.delivery_limit
     if contract.queue_type is QueueType.QUORUM and not bounded_drop_head:
         # Quorum queues dead-letter at-most-once unless asked; at-least-once keeps a message in
         # the source queue until the dead-letter queue confirmed it, and needs reject-publish.
@@ -135,15 +155,46 @@ def dead_letter_queue(contract: Contract[Any, Any]) -> Queue:
     )
 
 
+def delay_levels(names: Names) -> tuple[list[Exchange], list[Queue], list[Binding]]:
+    """The delay levels' exchanges, queues and bindings (see `amqtask.routing._delay`)."""
+    exchanges = [Exchange(names.delay_deliver_exchange, "topic")]
+    queues, bindings = [], []
+    for level in reversed(range(DELAY_LEVELS)):
+        name = names.delay_level(level)
+        exchanges.append(Exchange(name, "topic"))
+        queues.append(
+            Queue(
+                name,
+                arguments=arguments(
+                    {
+                        "x-queue-type": QueueType.QUORUM.value,
+                        "x-message-ttl": level_ttl_ms(level),
+                        # No dead-letter routing key: the message keeps its delay key.
+                        "x-dead-letter-exchange": names.after_level(level),
+                        "x-dead-letter-strategy": "at-least-once",
+                        "x-overflow": Overflow.REJECT_PUBLISH.value,
+                    }
+                ),
+            )
+        )
+        bindings.append(Binding(name, name, level_pattern(level, "1")))
+        bindings.append(
+            Binding(name, names.after_level(level), level_pattern(level, "0"), to_exchange=True)
+        )
+    return exchanges, queues, bindings
+
+
 def derive(contracts: Iterable[Contract[Any, Any]], names: Names | None = None) -> Topology:
     """Compute every exchange, queue and binding the contracts need.
 
     Raises `ContractError` when two contracts share a queue but disagree on its arguments.
     """
     names = names or Names()
+    delay_exchanges, delay_queues, delay_bindings = delay_levels(names)
     exchanges = (
         Exchange(names.task_exchange, "direct"),
         Exchange(names.dead_letter_exchange, "direct"),
+        *delay_exchanges,
     )
     queues: dict[str, tuple[Queue, Contract[Any, Any]]] = {}
     bindings: dict[Binding, None] = {}
@@ -156,6 +207,10 @@ def derive(contracts: Iterable[Contract[Any, Any]], names: Names | None = None) 
                     f"with different settings: {dict(seen[0].arguments)} != {dict(queue.arguments)}"
                 )
         bindings[Binding(names.task_exchange, contract.queue, contract.routing_key)] = None
+        deliver = Binding(
+            names.delay_deliver_exchange, contract.queue, deliver_pattern(contract.queue)
+        )
+        bindings[deliver] = None
         bindings[
             Binding(
                 names.dead_letter_exchange,
@@ -165,7 +220,7 @@ def derive(contracts: Iterable[Contract[Any, Any]], names: Names | None = None) 
         ] = None
     return Topology(
         exchanges=exchanges,
-        queues=tuple(queue for queue, _ in queues.values()),
-        bindings=tuple(bindings),
+        queues=(*(queue for queue, _ in queues.values()), *delay_queues),
+        bindings=(*bindings, *delay_bindings),
         names=names,
     )

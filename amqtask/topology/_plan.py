@@ -79,9 +79,14 @@ class Plan:
         entities = [step.to_dict() for step in self.steps]
         by_queue = {e["name"]: e for e in entities if e["kind"] == "queue"}
         for step in self.steps:
-            if isinstance(step.entity, Binding) and step.entity.queue in by_queue:
-                by_queue[step.entity.queue]["bindings"].append(
-                    {"exchange": step.entity.exchange, "routing_key": step.entity.routing_key}
+            binding = step.entity
+            if (
+                isinstance(binding, Binding)
+                and not binding.to_exchange
+                and binding.queue in by_queue
+            ):
+                by_queue[binding.queue]["bindings"].append(
+                    {"exchange": binding.exchange, "routing_key": binding.routing_key}
                 )
         return {
             "entities": entities,
@@ -135,7 +140,10 @@ def make_plan(topology: Topology, observed: Mapping[ObservationKey, Observation]
         else:
             steps.append(Step(entity, State.UP_TO_DATE))
     for binding in topology.bindings:
-        missing_end = ("exchange", binding.exchange) in absent or ("queue", binding.queue) in absent
+        missing_end = ("exchange", binding.exchange) in absent or (
+            binding.destination_kind,
+            binding.queue,
+        ) in absent
         steps.append(Step(binding, State.MISSING if missing_end else State.UNVERIFIED))
     return Plan(tuple(steps))
 

@@ -143,10 +143,13 @@ async def test_declare_command_is_idempotent_and_prints_json(
     assert queue["type"] == "quorum"
     assert queue["durable"] is True
     assert queue["arguments"]["x-max-length"] == 5
-    assert queue["bindings"] == [{"exchange": f"{unique}.tasks", "routing_key": f"{unique}.job.v1"}]
+    assert queue["bindings"] == [
+        {"exchange": f"{unique}.tasks", "routing_key": f"{unique}.job.v1"},
+        {"exchange": f"{unique}.delay.deliver", "routing_key": "*." * 20 + f"{unique}.job"},
+    ]
 
     assert first.returncode == 0, first.stderr
-    assert "applied: created 6" in first.stdout
+    assert f"applied: created {len(app_topology.entities)}" in first.stdout
 
     assert second.returncode == 0, second.stderr
     again = json.loads(second.stdout)
