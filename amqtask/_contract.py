@@ -6,6 +6,7 @@ the worker attaches handlers (see `App.handler`).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -14,7 +15,7 @@ from typing import Any, Generic, TypeVar, overload
 from pydantic import BaseModel
 
 from amqtask._exceptions import ContractError
-from amqtask.routing import default_queue_name, routing_key
+from amqtask.routing import MAX_DELAY_SECONDS, default_queue_name, routing_key
 
 In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out")
@@ -58,17 +59,29 @@ class Retry:
             raise ContractError(f"Retry.attempts must be an integer, got {self.attempts!r}")
         if self.attempts < 1:
             raise ContractError(f"Retry.attempts must be at least 1, got {self.attempts}")
-        if self.backoff < 1 or self.initial <= 0 or self.max_delay < self.initial:
+        numbers = (self.backoff, self.initial, self.max_delay)
+        if (
+            not all(math.isfinite(n) for n in numbers)
+            or self.backoff < 1
+            or self.initial <= 0
+            or not self.initial <= self.max_delay <= MAX_DELAY_SECONDS
+        ):
             raise ContractError(
-                "Retry needs backoff >= 1, initial > 0 and max_delay >= initial, got "
-                f"backoff={self.backoff}, initial={self.initial}, max_delay={self.max_delay}"
+                "Retry needs finite backoff >= 1, initial > 0 and initial <= max_delay <= "
+                f"{MAX_DELAY_SECONDS} s, got backoff={self.backoff}, initial={self.initial}, "
+                f"max_delay={self.max_delay}"
             )
-        if not isinstance(self.on, tuple):
-            object.__setattr__(self, "on", tuple(self.on))
+        on = (self.on,) if isinstance(self.on, type) else tuple(self.on)
+        if not on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
+            raise ContractError(f"Retry.on must be exception classes, got {self.on!r}")
+        object.__setattr__(self, "on", on)
 
     def delay_before(self, attempt: int) -> float:
         """Seconds to wait before attempt number `attempt` (2 for the first retry)."""
-        return min(self.initial * self.backoff ** max(attempt - 2, 0), self.max_delay)
+        try:
+            return min(self.initial * self.backoff ** max(attempt - 2, 0), self.max_delay)
+        except OverflowError:
+            return self.max_delay
 
     def retries(self, exc: BaseException, attempt: int) -> bool:
         """Whether a failure of attempt number `attempt` with `exc` gets another attempt."""

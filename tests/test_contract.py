@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
-from amqtask import AmqtaskError, Contract, ContractError, Overflow, QueueType, contract
+from amqtask import AmqtaskError, Contract, ContractError, Overflow, QueueType, Retry, contract
+from amqtask._contract import DEFAULT_DELIVERY_LIMIT, NO_RETRY
 
 
 class Resize(BaseModel):
@@ -32,6 +34,8 @@ def test_contract_defaults_to_a_quorum_queue_named_after_the_task() -> None:
     assert resize.max_length is None
     assert resize.overflow is Overflow.REJECT_PUBLISH
     assert resize.version == 1
+    assert resize.retry == Retry()
+    assert resize.delivery_limit == DEFAULT_DELIVERY_LIMIT == 10
 
 
 def test_returns_becomes_the_contract_output() -> None:
@@ -146,3 +150,178 @@ def test_an_unknown_overflow_is_a_contract_error(overflow: str) -> None:
 
 def test_contract_error_is_an_amqtask_error() -> None:
     assert issubclass(ContractError, AmqtaskError)
+
+
+@pytest.mark.parametrize("queue", ["images.*", "*", "#", "images.#", "a*b", "a#b", "*.images"])
+def test_a_queue_name_with_a_topic_wildcard_is_a_contract_error(queue: str) -> None:
+    # The name ends a delay routing key and a deliver pattern: a wildcard would misroute.
+    with pytest.raises(ContractError, match=r"no '\*' or '#'"):
+        contract("images.resize", Resize, queue=queue)
+
+
+# --- delivery_limit ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1, 3, 1000])
+def test_a_positive_delivery_limit_is_kept(limit: int) -> None:
+    assert contract("images.resize", Resize, delivery_limit=limit).delivery_limit == limit
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, False, 1.5, "10", None])
+def test_a_delivery_limit_that_is_not_a_positive_integer_is_a_contract_error(limit: Any) -> None:
+    with pytest.raises(ContractError, match="delivery_limit must be at least 1"):
+        contract("images.resize", Resize, delivery_limit=limit)
+
+
+# --- Retry ------------------------------------------------------------------------------------
+
+
+def test_retry_defaults_to_five_attempts_one_second_apart_doubling_up_to_ten_minutes() -> None:
+    retry = Retry()
+
+    assert (retry.attempts, retry.backoff, retry.initial, retry.max_delay) == (5, 2.0, 1.0, 600.0)
+    assert retry.on == (Exception,)
+
+
+def test_a_contract_keeps_the_retry_it_is_given() -> None:
+    retry = Retry(attempts=2, initial=5)
+
+    assert contract("images.resize", Resize, retry=retry).retry is retry
+    assert contract("images.resize", Resize, retry=None).retry == Retry()
+
+
+@pytest.mark.parametrize("attempts", [0, -1])
+def test_fewer_than_one_attempt_is_a_contract_error(attempts: int) -> None:
+    with pytest.raises(ContractError, match="attempts must be at least 1"):
+        Retry(attempts=attempts)
+
+
+@pytest.mark.parametrize("attempts", [True, False, 2.0, "3", None])
+def test_attempts_that_are_not_an_integer_are_a_contract_error(attempts: Any) -> None:
+    with pytest.raises(ContractError, match="attempts must be an integer"):
+        Retry(attempts=attempts)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"backoff": 0.5},
+        {"backoff": 0},
+        {"backoff": -2},
+        {"initial": 0},
+        {"initial": -1},
+        {"initial": 10, "max_delay": 5},
+        {"max_delay": 0.5},
+    ],
+    ids=[
+        "backoff-half",
+        "backoff-zero",
+        "backoff-negative",
+        "initial-zero",
+        "initial-negative",
+        "max-below-initial",
+        "max-below-default-initial",
+    ],
+)
+def test_backoff_below_one_or_a_non_positive_initial_or_max_below_initial_is_an_error(
+    settings: dict[str, Any],
+) -> None:
+    with pytest.raises(ContractError, match="Retry needs finite backoff >= 1, initial > 0"):
+        Retry(**settings)
+
+
+def test_the_boundaries_of_retry_are_accepted() -> None:
+    retry = Retry(attempts=1, backoff=1, initial=0.5, max_delay=0.5)
+
+    assert (retry.attempts, retry.backoff, retry.initial, retry.max_delay) == (1, 1, 0.5, 0.5)
+
+
+def test_a_retry_error_is_a_contract_error() -> None:
+    with pytest.raises(AmqtaskError):
+        Retry(attempts=0)
+
+
+def test_delay_before_doubles_from_one_second_and_is_capped_at_max_delay() -> None:
+    retry = Retry(attempts=20)
+
+    delays = [retry.delay_before(attempt) for attempt in range(2, 14)]
+
+    assert delays == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 600, 600]
+
+
+def test_delay_before_follows_initial_backoff_and_max_delay() -> None:
+    retry = Retry(attempts=10, backoff=3, initial=0.5, max_delay=10)
+
+    delays = [retry.delay_before(attempt) for attempt in range(2, 7)]
+
+    assert delays == [0.5, 1.5, 4.5, 10, 10]
+
+
+def test_a_backoff_of_one_waits_the_same_before_every_attempt() -> None:
+    retry = Retry(attempts=4, backoff=1, initial=30)
+
+    assert [retry.delay_before(attempt) for attempt in range(2, 5)] == [30, 30, 30]
+
+
+def test_retries_until_the_last_attempt_has_failed() -> None:
+    retry = Retry(attempts=3)
+
+    assert [retry.retries(ValueError(), attempt) for attempt in (1, 2, 3, 4)] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
+def test_a_single_attempt_never_retries() -> None:
+    assert not Retry(attempts=1).retries(ValueError(), 1)
+    assert NO_RETRY.attempts == 1
+    assert not NO_RETRY.retries(ValueError(), 1)
+
+
+class Transient(ConnectionError):
+    pass
+
+
+def test_only_the_exceptions_in_on_and_their_subclasses_are_retried() -> None:
+    retry = Retry(on=(ConnectionError, TimeoutError))
+
+    assert retry.retries(ConnectionError(), 1)
+    assert retry.retries(Transient(), 1)
+    assert retry.retries(TimeoutError(), 1)
+    assert not retry.retries(ValueError(), 1)
+    assert not retry.retries(KeyError("k"), 1)
+
+
+def test_by_default_every_exception_is_retried_but_not_cancellation_or_exit() -> None:
+    retry = Retry()
+
+    assert retry.retries(ValueError(), 1)
+    assert retry.retries(Transient(), 4)
+    assert not retry.retries(asyncio.CancelledError(), 1)
+    assert not retry.retries(KeyboardInterrupt(), 1)
+    assert not retry.retries(SystemExit(1), 1)
+
+
+def test_on_given_as_a_list_is_kept_as_a_tuple_so_retry_stays_hashable() -> None:
+    retry = Retry(on=[ValueError, KeyError])  # type: ignore[arg-type]
+
+    assert retry.on == (ValueError, KeyError)
+    assert hash(retry) == hash(Retry(on=(ValueError, KeyError)))
+
+
+def test_retry_is_immutable_and_equal_by_value() -> None:
+    retry = Retry(attempts=3)
+
+    assert retry == Retry(attempts=3)
+    assert retry != Retry(attempts=4)
+    assert len({retry, Retry(attempts=3)}) == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        retry.attempts = 4  # type: ignore[misc]
+
+
+def test_contracts_with_different_retries_differ() -> None:
+    first = contract("images.resize", Resize, retry=Retry(attempts=2))
+
+    assert first != contract("images.resize", Resize, retry=Retry(attempts=3))

@@ -50,6 +50,8 @@ def _bit_word(level: int) -> int:
 
 def delay_routing_key(seconds: int, queue: str) -> str:
     """Routing key that walks a message down the levels for `seconds`, then to `queue`."""
+    if not 1 <= seconds <= MAX_DELAY_SECONDS:
+        raise ValueError(f"a delay key needs 1..{MAX_DELAY_SECONDS} whole seconds, got {seconds}")
     bits = (str((seconds >> level) & 1) for level in reversed(range(DELAY_LEVELS)))
     return ".".join((*bits, queue))
 

@@ -122,7 +122,7 @@ class Topology:
         raise KeyError(name)
 
     def bindings_of(self, queue: str) -> tuple[Binding, ...]:
-        return tuple(binding for binding in self.bindings if binding.queue == queue)
+        return tuple(b for b in self.bindings if b.queue == queue and not b.to_exchange)
 
 
 def work_queue(contract: Contract[Any, Any], names: Names) -> Queue:
@@ -198,7 +198,13 @@ def derive(contracts: Iterable[Contract[Any, Any]], names: Names | None = None) 
     )
     queues: dict[str, tuple[Queue, Contract[Any, Any]]] = {}
     bindings: dict[Binding, None] = {}
+    reserved = {queue.name for queue in delay_queues}
     for contract in contracts:
+        if contract.queue in reserved or dead_letter_queue_name(contract.queue) in reserved:
+            raise ContractError(
+                f"task {contract.name!r}: queue {contract.queue!r} clashes with a delay level "
+                f"of namespace {names.namespace!r}; pick another queue name"
+            )
         for queue in (work_queue(contract, names), dead_letter_queue(contract)):
             seen = queues.setdefault(queue.name, (queue, contract))
             if seen[0] != queue:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
+from collections.abc import Iterable
+from typing import TypeVar
 
 import pytest
 from pydantic import BaseModel
@@ -10,35 +13,63 @@ from pydantic import BaseModel
 from amqtask import ContractError, contract
 from amqtask.routing import Names
 from amqtask.topology import Binding, Exchange, Queue, Topology, derive
-from amqtask.topology._model import arguments, dead_letter_queue, work_queue
+from amqtask.topology._model import Entity, arguments, dead_letter_queue, work_queue
+
+E = TypeVar("E", bound=Entity)
 
 
 class Payload(BaseModel):
     n: int
 
 
+def is_delay_level(entity: Entity, namespace: str = "amqtask") -> bool:
+    """Whether `entity` is part of the fixed delay levels, the same whatever the contracts.
+
+    That is the level exchanges and queues, the deliver exchange and the bindings out of a level
+    exchange. A deliver binding names a work queue, so it belongs to its contract.
+    """
+    prefix = f"{namespace}.delay."
+    if isinstance(entity, Binding):
+        return entity.exchange.startswith(prefix) and entity.exchange != f"{prefix}deliver"
+    return entity.name.startswith(prefix)
+
+
+def of_contracts(entities: Iterable[E], namespace: str = "amqtask") -> tuple[E, ...]:
+    """The entities the contracts account for: all but the fixed delay levels."""
+    return tuple(entity for entity in entities if not is_delay_level(entity, namespace))
+
+
+def deliver_binding(queue: str, namespace: str = "amqtask") -> Binding:
+    """The binding that hands a delayed message to `queue`: 20 delay bits, then the name."""
+    return Binding(f"{namespace}.delay.deliver", queue, "*." * 20 + queue)
+
+
 def test_derive_declares_the_task_and_dead_letter_exchanges_as_durable_direct() -> None:
     topology = derive([contract("orders.place", Payload)])
 
-    assert topology.exchanges == (
+    assert of_contracts(topology.exchanges) == (
         Exchange("amqtask.tasks", "direct", durable=True),
         Exchange("amqtask.dead", "direct", durable=True),
     )
     assert all(exchange.arguments == () for exchange in topology.exchanges)
+    assert all(exchange.durable for exchange in topology.exchanges)
 
 
 def test_derive_without_contracts_still_declares_both_exchanges() -> None:
     topology = derive([])
 
-    assert [exchange.name for exchange in topology.exchanges] == ["amqtask.tasks", "amqtask.dead"]
-    assert topology.queues == ()
-    assert topology.bindings == ()
+    assert [exchange.name for exchange in of_contracts(topology.exchanges)] == [
+        "amqtask.tasks",
+        "amqtask.dead",
+    ]
+    assert of_contracts(topology.queues) == ()
+    assert of_contracts(topology.bindings) == ()
 
 
 def test_each_contract_gets_a_work_queue_and_a_dead_letter_queue() -> None:
     topology = derive([contract("orders.place", Payload), contract("mail.send", Payload)])
 
-    assert [queue.name for queue in topology.queues] == [
+    assert [queue.name for queue in of_contracts(topology.queues)] == [
         "orders.place",
         "orders.place.dead",
         "mail.send",
@@ -55,6 +86,7 @@ def test_a_quorum_work_queue_dead_letters_at_least_once_with_reject_publish() ->
         "x-dead-letter-exchange": "amqtask.dead",
         "x-dead-letter-routing-key": "orders.place",
         "x-dead-letter-strategy": "at-least-once",
+        "x-delivery-limit": 10,
         "x-overflow": "reject-publish",
     }
     assert queue.type == "quorum"
@@ -68,6 +100,7 @@ def test_max_length_adds_x_max_length_to_the_work_queue() -> None:
         "x-dead-letter-exchange": "amqtask.dead",
         "x-dead-letter-routing-key": "orders.place",
         "x-dead-letter-strategy": "at-least-once",
+        "x-delivery-limit": 10,
         "x-max-length": 100,
         "x-overflow": "reject-publish",
     }
@@ -82,6 +115,7 @@ def test_a_quorum_queue_with_drop_head_overflow_has_no_at_least_once_strategy() 
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": "amqtask.dead",
         "x-dead-letter-routing-key": "orders.place",
+        "x-delivery-limit": 10,
         "x-max-length": 100,
         "x-overflow": "drop-head",
     }
@@ -134,8 +168,9 @@ def test_the_dead_letter_routing_key_is_the_work_queue_name_not_the_task_name() 
     assert dict(topology.queue("orders.place.v2").arguments)["x-dead-letter-routing-key"] == (
         "orders.place.v2"
     )
-    assert topology.bindings == (
+    assert of_contracts(topology.bindings) == (
         Binding("amqtask.tasks", "orders.place.v2", "orders.place.v2"),
+        deliver_binding("orders.place.v2"),
         Binding("amqtask.dead", "orders.place.v2.dead", "orders.place.v2"),
     )
 
@@ -145,12 +180,14 @@ def test_bindings_route_tasks_by_routing_key_and_dead_letters_by_queue_name() ->
 
     topology = derive([placed])
 
-    assert topology.bindings == (
+    assert of_contracts(topology.bindings) == (
         Binding("amqtask.tasks", "orders", "orders.place.v1"),
+        deliver_binding("orders"),
         Binding("amqtask.dead", "orders.dead", "orders"),
     )
     assert topology.bindings_of("orders") == (
         Binding("amqtask.tasks", "orders", "orders.place.v1"),
+        deliver_binding("orders"),
     )
     assert topology.bindings_of("orders.dead") == (
         Binding("amqtask.dead", "orders.dead", "orders"),
@@ -162,14 +199,20 @@ def test_a_namespace_renames_the_exchanges_and_the_dead_letter_exchange_argument
 
     topology = derive([contract("orders.place", Payload)], names)
 
-    assert [exchange.name for exchange in topology.exchanges] == ["tenant-a.tasks", "tenant-a.dead"]
+    assert [exchange.name for exchange in of_contracts(topology.exchanges, "tenant-a")] == [
+        "tenant-a.tasks",
+        "tenant-a.dead",
+    ]
     assert dict(topology.queue("orders.place").arguments)["x-dead-letter-exchange"] == (
         "tenant-a.dead"
     )
-    assert {binding.exchange for binding in topology.bindings} == {
+    assert {binding.exchange for binding in of_contracts(topology.bindings, "tenant-a")} == {
         "tenant-a.tasks",
+        "tenant-a.delay.deliver",
         "tenant-a.dead",
     }
+    assert all(exchange.name.startswith("tenant-a.") for exchange in topology.exchanges)
+    assert all(binding.exchange.startswith("tenant-a.") for binding in topology.bindings)
     assert topology.names == names
 
 
@@ -183,9 +226,10 @@ def test_contracts_sharing_a_queue_with_the_same_settings_share_one_queue() -> N
 
     topology = derive([place, cancel])
 
-    assert [queue.name for queue in topology.queues] == ["orders", "orders.dead"]
-    assert topology.bindings == (
+    assert [queue.name for queue in of_contracts(topology.queues)] == ["orders", "orders.dead"]
+    assert of_contracts(topology.bindings) == (
         Binding("amqtask.tasks", "orders", "orders.place.v1"),
+        deliver_binding("orders"),
         Binding("amqtask.dead", "orders.dead", "orders"),
         Binding("amqtask.tasks", "orders", "orders.cancel.v1"),
     )
@@ -225,14 +269,11 @@ def test_entities_lists_exchanges_then_queues_then_bindings() -> None:
     topology = derive([contract("orders.place", Payload)])
 
     assert topology.entities == (*topology.exchanges, *topology.queues, *topology.bindings)
-    assert [entity.kind for entity in topology.entities] == [
-        "exchange",
-        "exchange",
-        "queue",
-        "queue",
-        "binding",
-        "binding",
-    ]
+    # tasks, dead, deliver and 20 level exchanges; 2 contract and 20 level queues; task,
+    # deliver and dead-letter bindings, then a queue and an exchange binding per level.
+    assert [entity.kind for entity in topology.entities] == (
+        ["exchange"] * 23 + ["queue"] * 22 + ["binding"] * 43
+    )
 
 
 def test_looking_up_an_unknown_queue_raises_key_error() -> None:
@@ -288,10 +329,158 @@ def test_to_dict_describes_each_entity_as_plain_data() -> None:
         "kind": "binding",
         "name": "amqtask.tasks -> orders.place [orders.place.v1]",
         "exchange": "amqtask.tasks",
-        "queue": "orders.place",
+        "destination_kind": "queue",
+        "destination": "orders.place",
         "routing_key": "orders.place.v1",
     }
 
 
+def test_to_dict_of_an_exchange_to_exchange_binding_names_an_exchange_destination() -> None:
+    binding = Binding("amqtask.delay.1", "amqtask.delay.0", "*.#", to_exchange=True)
+
+    assert binding.to_dict() == {
+        "kind": "binding",
+        "name": "amqtask.delay.1 => exchange amqtask.delay.0 [*.#]",
+        "exchange": "amqtask.delay.1",
+        "destination_kind": "exchange",
+        "destination": "amqtask.delay.0",
+        "routing_key": "*.#",
+    }
+    assert Binding("amqtask.delay.1", "amqtask.delay.1", "*.#").destination_kind == "queue"
+
+
 def test_an_empty_topology_has_no_entities() -> None:
     assert Topology().entities == ()
+
+
+# --- delay levels -----------------------------------------------------------------------------
+
+
+def level_pattern(level: int, bit: str) -> str:
+    """20 delay bits, most significant first, with `bit` at `level`; then any queue name."""
+    words = ["*"] * 20
+    words[19 - level] = bit
+    return ".".join(words) + ".#"
+
+
+def expected_delay_levels(namespace: str) -> tuple[list[Exchange], list[Queue], list[Binding]]:
+    """The delay levels written out by hand: what `derive` must add whatever the contracts."""
+    deliver = f"{namespace}.delay.deliver"
+    exchanges = [Exchange(deliver, "topic")]
+    queues, bindings = [], []
+    for level in range(20):
+        name = f"{namespace}.delay.{level}"
+        after = f"{namespace}.delay.{level - 1}" if level > 0 else deliver
+        exchanges.append(Exchange(name, "topic", durable=True))
+        queues.append(
+            Queue(
+                name,
+                durable=True,
+                arguments=arguments(
+                    {
+                        "x-queue-type": "quorum",
+                        "x-message-ttl": 1000 * 2**level,
+                        "x-dead-letter-exchange": after,
+                        "x-dead-letter-strategy": "at-least-once",
+                        "x-overflow": "reject-publish",
+                    }
+                ),
+            )
+        )
+        bindings.append(Binding(name, name, level_pattern(level, "1")))
+        bindings.append(Binding(name, after, level_pattern(level, "0"), to_exchange=True))
+    return exchanges, queues, bindings
+
+
+@pytest.mark.parametrize("namespace", ["amqtask", "tenant-a"])
+def test_derive_adds_twenty_delay_levels_and_a_deliver_exchange(namespace: str) -> None:
+    topology = derive([contract("orders.place", Payload)], Names(namespace))
+    exchanges, queues, bindings = expected_delay_levels(namespace)
+
+    levels = [entity for entity in topology.entities if is_delay_level(entity, namespace)]
+
+    # Counters: exact, duplicates included, whatever order the levels are declared in.
+    assert Counter(e for e in levels if isinstance(e, Exchange)) == Counter(exchanges)
+    assert Counter(e for e in levels if isinstance(e, Queue)) == Counter(queues)
+    assert Counter(e for e in levels if isinstance(e, Binding)) == Counter(bindings)
+    assert len(levels) == 21 + 20 + 40
+
+
+def test_the_delay_levels_are_the_same_whatever_the_contracts() -> None:
+    some = derive([contract("orders.place", Payload), contract("mail.send", Payload)])
+
+    levels = [entity for entity in some.entities if is_delay_level(entity)]
+
+    assert levels == [entity for entity in derive([]).entities if is_delay_level(entity)]
+
+
+def test_without_contracts_only_the_delay_levels_have_queues_and_bindings() -> None:
+    topology = derive([])
+    exchanges, queues, bindings = expected_delay_levels("amqtask")
+
+    assert Counter(topology.queues) == Counter(queues)
+    assert Counter(topology.bindings) == Counter(bindings)
+    assert Counter(topology.exchanges) == Counter(
+        [Exchange("amqtask.tasks"), Exchange("amqtask.dead"), *exchanges]
+    )
+
+
+def test_a_level_queue_keeps_the_routing_key_when_it_dead_letters() -> None:
+    # The delay bits in the key pick the next levels' routes, so it must survive expiry.
+    for queue in derive([]).queues:
+        assert "x-dead-letter-routing-key" not in dict(queue.arguments)
+
+
+def test_each_work_queue_gets_one_deliver_binding_matching_exactly_its_name() -> None:
+    topology = derive(
+        [
+            contract("orders.place", Payload, queue="orders"),
+            contract("orders.cancel", Payload, queue="orders"),
+            contract("mail.send", Payload, version=2),
+        ]
+    )
+
+    delivered = [b for b in topology.bindings if b.exchange == "amqtask.delay.deliver"]
+
+    assert delivered == [
+        Binding("amqtask.delay.deliver", "orders", "*." * 20 + "orders"),
+        Binding("amqtask.delay.deliver", "mail.send.v2", "*." * 20 + "mail.send.v2"),
+    ]
+
+
+# --- delivery limit ---------------------------------------------------------------------------
+
+
+def test_a_quorum_work_queue_gets_the_default_delivery_limit_of_ten() -> None:
+    queue = derive([contract("orders.place", Payload)]).queue("orders.place")
+
+    assert dict(queue.arguments)["x-delivery-limit"] == 10
+
+
+@pytest.mark.parametrize("limit", [1, 3, 50])
+def test_the_delivery_limit_of_a_quorum_work_queue_comes_from_the_contract(limit: int) -> None:
+    limited = contract("orders.place", Payload, delivery_limit=limit)
+
+    topology = derive([limited])
+
+    assert dict(topology.queue("orders.place").arguments)["x-delivery-limit"] == limit
+    # Only the work queue: its dead-letter queue is read by people, not redelivered to workers.
+    assert "x-delivery-limit" not in dict(topology.queue("orders.place.dead").arguments)
+
+
+@pytest.mark.parametrize("limit", [10, 3])
+def test_a_classic_work_queue_has_no_delivery_limit(limit: int) -> None:
+    classic = contract("orders.place", Payload, queue_type="classic", delivery_limit=limit)
+
+    topology = derive([classic])
+
+    assert "x-delivery-limit" not in dict(topology.queue("orders.place").arguments)
+    assert "x-delivery-limit" not in dict(topology.queue("orders.place.dead").arguments)
+
+
+def test_contracts_sharing_a_queue_with_different_delivery_limits_are_a_contract_error() -> None:
+    place = contract("orders.place", Payload, queue="orders", delivery_limit=3)
+    cancel = contract("orders.cancel", Payload, queue="orders", delivery_limit=5)
+
+    with pytest.raises(ContractError, match="x-delivery-limit"):
+        derive([place, cancel])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -20,7 +22,7 @@ from amqtask.topology import (
     make_plan,
     parse_precondition,
 )
-from amqtask.topology._model import arguments
+from amqtask.topology._model import Entity, arguments
 from amqtask.topology._plan import ObservationKey
 
 
@@ -42,8 +44,53 @@ def everything_exists(topology: Topology) -> dict[ObservationKey, Observation]:
     return dict.fromkeys(exchanges | queues, Observation(exists=True))
 
 
+def is_delay_level(entity: Entity) -> bool:
+    """Whether `entity` is one of the fixed delay levels' (see tests/topology/test_model.py).
+
+    A deliver binding names a contract's work queue, so it counts as the contract's.
+    """
+    if isinstance(entity, Binding):
+        return re.fullmatch(r"amqtask\.delay\.\d+", entity.exchange) is not None
+    return entity.name.startswith("amqtask.delay.")
+
+
 def states(plan: Plan) -> dict[str, State]:
-    return {step.entity.name: step.state for step in plan.steps}
+    """The state of each entity the contracts account for, by name (unique among them)."""
+    steps = [step for step in plan.steps if not is_delay_level(step.entity)]
+    assert len({step.entity.name for step in steps}) == len(steps)
+    return {step.entity.name: step.state for step in steps}
+
+
+def level_states(plan: Plan) -> dict[tuple[str, str], State]:
+    """The state of each delay level entity, by kind and name: a level's queue and exchange
+    share a name."""
+    steps = [step for step in plan.steps if is_delay_level(step.entity)]
+    return {(step.entity.kind, step.entity.name): step.state for step in steps}
+
+
+def entity(data: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
+    """The one entity of `Plan.to_dict()` output with this kind and name."""
+    found: list[dict[str, Any]] = [
+        e for e in data["entities"] if (e["kind"], e["name"]) == (kind, name)
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+# A rendered line of a delay level entity: level or deliver exchange, level queue, or a binding
+# out of a level exchange (a deliver binding is the contract's).
+LEVEL_LINE = re.compile(
+    r"[+=!~] (exchange|queue) +amqtask\.delay\.\S+ |[+=!~] binding +amqtask\.delay\.\d+ "
+)
+
+
+def level_pattern(level: int, bit: str) -> str:
+    words = ["*"] * 20
+    words[19 - level] = bit
+    return ".".join(words) + ".#"
+
+
+DELIVER_PLACE = "amqtask.delay.deliver -> orders.place [" + "*." * 20 + "orders.place]"
 
 
 def length_conflict() -> Conflict:
@@ -76,8 +123,15 @@ def test_when_everything_exists_entities_are_up_to_date_and_bindings_unverified(
         "orders.place": State.UP_TO_DATE,
         "orders.place.dead": State.UP_TO_DATE,
         "amqtask.tasks -> orders.place [orders.place.v1]": State.UNVERIFIED,
+        DELIVER_PLACE: State.UNVERIFIED,
         "amqtask.dead -> orders.place.dead [orders.place]": State.UNVERIFIED,
     }
+    assert level_states(plan) == {
+        (e.kind, e.name): State.UNVERIFIED if isinstance(e, Binding) else State.UP_TO_DATE
+        for e in desired.entities
+        if is_delay_level(e)
+    }
+    assert len(level_states(plan)) == 21 + 20 + 40
     assert plan.up_to_date
     assert plan.missing == ()
     assert plan.to_apply == desired.bindings
@@ -134,9 +188,11 @@ def test_a_binding_is_missing_when_its_queue_is_missing() -> None:
     plan = make_plan(desired, observed)
 
     assert states(plan)["amqtask.tasks -> orders.place [orders.place.v1]"] is State.MISSING
+    assert states(plan)[DELIVER_PLACE] is State.MISSING
     assert plan.missing == (
         desired.queue("orders.place"),
         Binding("amqtask.tasks", "orders.place", "orders.place.v1"),
+        Binding("amqtask.delay.deliver", "orders.place", "*." * 20 + "orders.place"),
     )
     assert not plan.up_to_date
 
@@ -179,6 +235,42 @@ def test_a_missing_entity_ignores_a_conflict_attached_to_its_observation() -> No
     assert plan.conflicts == ()
 
 
+def test_an_exchange_binding_is_missing_when_its_destination_exchange_is_missing() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    del observed[("exchange", "amqtask.delay.3")]
+
+    plan = make_plan(desired, observed)
+
+    assert level_states(plan) == {
+        **level_states(make_plan(desired, everything_exists(desired))),
+        ("exchange", "amqtask.delay.3"): State.MISSING,
+        # Into the missing exchange from level 4, and both bindings out of it.
+        ("binding", f"amqtask.delay.4 => exchange amqtask.delay.3 [{level_pattern(4, '0')}]"): (
+            State.MISSING
+        ),
+        ("binding", f"amqtask.delay.3 -> amqtask.delay.3 [{level_pattern(3, '1')}]"): (
+            State.MISSING
+        ),
+        ("binding", f"amqtask.delay.3 => exchange amqtask.delay.2 [{level_pattern(3, '0')}]"): (
+            State.MISSING
+        ),
+    }
+
+
+def test_a_missing_queue_does_not_make_a_binding_to_the_same_named_exchange_missing() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    del observed[("queue", "amqtask.delay.3")]
+
+    plan = make_plan(desired, observed)
+
+    assert plan.missing == (
+        desired.queue("amqtask.delay.3"),
+        Binding("amqtask.delay.3", "amqtask.delay.3", level_pattern(3, "1")),
+    )
+
+
 # --- Plan.to_dict ---------------------------------------------------------------------------
 
 
@@ -191,6 +283,7 @@ def test_to_dict_is_json_with_each_entity_its_state_and_a_summary() -> None:
 
     assert json.loads(json.dumps(data)) == data
     assert data["summary"] == {"missing": 2, "conflicts": 0, "up_to_date": False}
+    assert [e["name"] for e in data["entities"]] == [e.name for e in desired.entities]
     assert data["entities"][0] == {
         "kind": "exchange",
         "name": "amqtask.tasks",
@@ -199,7 +292,7 @@ def test_to_dict_is_json_with_each_entity_its_state_and_a_summary() -> None:
         "arguments": {},
         "state": "up-to-date",
     }
-    assert data["entities"][3] == {
+    assert entity(data, "queue", "orders.place.dead") == {
         "kind": "queue",
         "name": "orders.place.dead",
         "type": "classic",
@@ -208,14 +301,19 @@ def test_to_dict_is_json_with_each_entity_its_state_and_a_summary() -> None:
         "state": "missing",
         "bindings": [{"exchange": "amqtask.dead", "routing_key": "orders.place"}],
     }
-    assert data["entities"][4] == {
+    assert entity(data, "binding", "amqtask.tasks -> orders.place [orders.place.v1]") == {
         "kind": "binding",
         "name": "amqtask.tasks -> orders.place [orders.place.v1]",
         "exchange": "amqtask.tasks",
-        "queue": "orders.place",
+        "destination_kind": "queue",
+        "destination": "orders.place",
         "routing_key": "orders.place.v1",
         "state": "unverified",
     }
+    assert entity(data, "queue", "orders.place")["bindings"] == [
+        {"exchange": "amqtask.tasks", "routing_key": "orders.place.v1"},
+        {"exchange": "amqtask.delay.deliver", "routing_key": "*." * 20 + "orders.place"},
+    ]
 
 
 def test_to_dict_lists_every_binding_of_a_shared_queue_on_that_queue() -> None:
@@ -231,9 +329,29 @@ def test_to_dict_lists_every_binding_of_a_shared_queue_on_that_queue() -> None:
     orders = next(entity for entity in data["entities"] if entity["name"] == "orders")
     assert orders["bindings"] == [
         {"exchange": "amqtask.tasks", "routing_key": "orders.place.v1"},
+        {"exchange": "amqtask.delay.deliver", "routing_key": "*." * 20 + "orders"},
         {"exchange": "amqtask.tasks", "routing_key": "orders.cancel.v1"},
     ]
     assert orders["arguments"]["x-dead-letter-strategy"] == "at-least-once"
+
+
+def test_to_dict_lists_only_queue_bindings_on_a_queue_not_those_to_a_same_named_exchange() -> None:
+    data = make_plan(topology(), {}).to_dict()
+
+    assert entity(data, "queue", "amqtask.delay.3")["bindings"] == [
+        {"exchange": "amqtask.delay.3", "routing_key": level_pattern(3, "1")},
+    ]
+    into_level_3 = f"amqtask.delay.4 => exchange amqtask.delay.3 [{level_pattern(4, '0')}]"
+    assert entity(data, "binding", into_level_3) == {
+        "kind": "binding",
+        "name": into_level_3,
+        "exchange": "amqtask.delay.4",
+        "destination_kind": "exchange",
+        "destination": "amqtask.delay.3",
+        "routing_key": level_pattern(4, "0"),
+        "state": "missing",
+    }
+    assert "bindings" not in entity(data, "exchange", "amqtask.delay.3")
 
 
 def test_to_dict_gives_a_conflicting_entity_its_conflict_details() -> None:
@@ -286,7 +404,9 @@ def test_render_marks_each_state_and_ends_with_a_summary() -> None:
     del observed[("queue", "orders.place.dead")]
     observed[("queue", "orders.place")] = Observation(exists=True, conflicts=(length_conflict(),))
 
-    lines = make_plan(desired, observed).render().splitlines()
+    rendered = make_plan(desired, observed).render().splitlines()
+    lines = [line for line in rendered if not LEVEL_LINE.match(line)]
+    level_lines = [line for line in rendered if LEVEL_LINE.match(line)]
 
     assert lines[0] == "= exchange amqtask.tasks (direct)  [up-to-date]"
     assert lines[1] == "= exchange amqtask.dead (direct)  [up-to-date]"
@@ -297,9 +417,19 @@ def test_render_marks_each_state_and_ends_with_a_summary() -> None:
     )
     assert lines[4] == "+ queue    orders.place.dead (classic)  [missing]"
     assert lines[5] == "~ binding  amqtask.tasks -> orders.place [orders.place.v1]  [unverified]"
-    assert lines[6] == "+ binding  amqtask.dead -> orders.place.dead [orders.place]  [missing]"
-    assert lines[7] == "2 to create, 1 conflicting, 2 up to date"
-    assert len(lines) == 8
+    assert lines[6] == f"~ binding  {DELIVER_PLACE}  [unverified]"
+    assert lines[7] == "+ binding  amqtask.dead -> orders.place.dead [orders.place]  [missing]"
+    # 23 exchanges and 20 level queues up to date besides the conflict and the missing queue.
+    assert lines[8] == "2 to create, 1 conflicting, 43 up to date"
+    assert len(lines) == 9
+    assert "= exchange amqtask.delay.deliver (topic)  [up-to-date]" in level_lines
+    assert "= exchange amqtask.delay.7 (topic)  [up-to-date]" in level_lines
+    assert "= queue    amqtask.delay.7 (quorum)  [up-to-date]" in level_lines
+    assert (
+        f"~ binding  amqtask.delay.7 => exchange amqtask.delay.6 [{level_pattern(7, '0')}]"
+        "  [unverified]"
+    ) in level_lines
+    assert len(level_lines) == 21 + 20 + 40
 
 
 def test_render_lists_every_conflict_of_an_entity_and_counts_the_entity_once() -> None:
@@ -311,7 +441,7 @@ def test_render_lists_every_conflict_of_an_entity_and_counts_the_entity_once() -
     )
 
     plan = make_plan(desired, observed)
-    lines = plan.render().splitlines()
+    lines = [line for line in plan.render().splitlines() if not LEVEL_LINE.match(line)]
 
     assert plan.conflicts == (length_conflict(), type_conflict)
     assert lines[2:5] == [
@@ -321,7 +451,7 @@ def test_render_lists_every_conflict_of_an_entity_and_counts_the_entity_once() -
         "      queue 'orders.place': argument 'x-queue-type' is 'quorum' on the broker "
         "but the contracts want 'classic'",
     ]
-    assert lines[-1] == "0 to create, 1 conflicting, 3 up to date"
+    assert lines[-1] == "0 to create, 1 conflicting, 44 up to date"
 
 
 def test_render_of_an_empty_plan_is_only_the_summary() -> None:
