@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -12,8 +14,8 @@ from typing import Any, Self, TypeVar, cast
 from pydantic import BaseModel
 
 from amqtask import _codec, topology
-from amqtask._contract import Contract, In, Out
-from amqtask._exceptions import ContractError
+from amqtask._contract import Contract, In, Out, Overflow
+from amqtask._exceptions import ContractError, PublishNacked, QueueFull
 from amqtask._transport import AioPikaTransport, Transport
 from amqtask.routing import DEFAULT_NAMESPACE, Names, delay_routing_key, delay_seconds
 from amqtask.rpc import Caller
@@ -154,6 +156,7 @@ class App:
         delay: timedelta | float | None = None,
         eta: datetime | None = None,
         timeout: float | None = None,
+        wait_if_full: float = 0.0,
     ) -> str:
         """Validate, publish persistent and mandatory, and wait for the broker's confirm.
 
@@ -161,9 +164,13 @@ class App:
         broker, in the delay levels, and reaches its queue no earlier than asked and at most about
         a second later (whole seconds, rounded up); up to `MAX_DELAY_SECONDS` (12 days).
         Returns the message id (stable across redeliveries: use it for idempotency).
+        A contract with `max_length` refuses sends while its queue is full: `send` raises
+        `QueueFull` at once, or keeps trying for up to `wait_if_full` seconds first.
         Raises pydantic's `ValidationError` (nothing published), `ValueError` for a bad delay,
-        `Unroutable`, `PublishNacked`, or `PublishTimeout` after `timeout` (default: the app's
-        `publish_timeout`).
+        `Unroutable`, `QueueFull`, `PublishNacked`, `PublishInterrupted` when the connection
+        dropped before the confirm (the message may or may not be stored), or `PublishTimeout`
+        after `timeout` (default: the app's `publish_timeout`; it also bounds a wait while the
+        broker blocks publishers).
         """
         self._own(contract)
         message = _codec.encode_task(contract, cast(BaseModel | Mapping[str, Any], payload))
@@ -172,14 +179,30 @@ class App:
         if wait is not None:
             exchange = self.names.delay_entry_exchange
             routing = delay_routing_key(delay_seconds(wait), contract.queue)
-        await self.transport.publish(
-            exchange,
-            routing,
-            message,
-            task=contract.name,
-            timeout=self.publish_timeout if timeout is None else timeout,
-        )
-        return message.message_id
+        give_up = time.monotonic() + wait_if_full
+        pause = 0.05
+        while True:
+            try:
+                await self.transport.publish(
+                    exchange,
+                    routing,
+                    message,
+                    task=contract.name,
+                    timeout=self.publish_timeout if timeout is None else timeout,
+                )
+                return message.message_id
+            except PublishNacked:
+                if contract.max_length is None or contract.overflow is not Overflow.REJECT_PUBLISH:
+                    raise
+                if time.monotonic() + pause > give_up:
+                    raise QueueFull(
+                        f"task {contract.name!r}: queue {contract.queue!r} is full "
+                        f"(max_length {contract.max_length}); nothing was stored",
+                        task=contract.name,
+                        message_id=message.message_id,
+                    ) from None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     async def call(
         self,

@@ -26,9 +26,10 @@ CONTENT_TYPE = "application/json"
 # Headers of a task message.
 TASK = "amqtask-task"
 VERSION = "amqtask-version"
-# A call's request: when its caller stops waiting, in seconds since the epoch (a float). The broker
-# drops a request still queued then (its `expiration`); the worker drops one it received but had
-# not started by then (held in its prefetch buffer or waiting for a free slot).
+# A call's request: when its caller stops waiting, in milliseconds since the epoch (an integer:
+# pamqp sends a float header as a 32-bit float, off by a minute at today's epoch). The broker drops
+# a request still queued then (its `expiration`); the worker drops one it received but had not
+# started by then (held in its prefetch buffer or waiting for a free slot).
 DEADLINE = "amqtask-deadline"
 ATTEMPT = "amqtask-attempt"  # 1 on the first run; our own count: RabbitMQ 4 ignores client x-death
 FIRST_FAILED_AT = "amqtask-first-failed-at"  # ISO 8601, UTC; set by the first failure
@@ -271,7 +272,7 @@ def encode_call(
     message.correlation_id = message.message_id
     message.reply_to = reply_to
     message.expiration = timeout
-    message.headers[DEADLINE] = time.time() + timeout
+    message.headers[DEADLINE] = int((time.time() + timeout) * 1000)
     return message
 
 
@@ -284,10 +285,10 @@ def call_expired(delivery: Delivery, now: float | None = None) -> bool:
     if not delivery.reply_to:
         return False
     try:
-        deadline = float((delivery.headers or {})[DEADLINE])
+        deadline_ms = int((delivery.headers or {})[DEADLINE])
     except (KeyError, TypeError, ValueError):
         return False
-    return (time.time() if now is None else now) > deadline
+    return (time.time() if now is None else now) * 1000 > deadline_ms
 
 
 _adapters: dict[Any, TypeAdapter[Any]] = {}
@@ -301,18 +302,21 @@ def _adapter(output: Any) -> TypeAdapter[Any]:
     return adapter
 
 
-def encode_reply(contract: Contract[Any, Any], result: Any, *, request: Delivery) -> Outgoing:
-    """The reply to a call: the result as the output model's JSON (`null` without one).
+def result_json(contract: Contract[Any, Any], result: Any) -> bytes:
+    """A task's result as the output model's JSON (`null` for a contract without one).
 
     Raises `ValidationError` when the result does not fit the contract's output model.
     """
     if contract.output is None:
-        body = b"null"
-    else:
-        adapter = _adapter(contract.output)
-        body = adapter.dump_json(adapter.validate_python(result))
+        return b"null"
+    adapter = _adapter(contract.output)
+    return adapter.dump_json(adapter.validate_python(result))
+
+
+def encode_reply(contract: Contract[Any, Any], result: Any, *, request: Delivery) -> Outgoing:
+    """The reply to a call: the result as JSON. Raises `ValidationError` (see `result_json`)."""
     return Outgoing(
-        body=body,
+        body=result_json(contract, result),
         message_id=new_message_id(),
         headers={TASK: contract.name, VERSION: contract.version},
         correlation_id=request.correlation_id,

@@ -6,8 +6,10 @@ The hierarchy:
     ├── ContractError           a contract or an app is defined inconsistently
     ├── PublishError            a message was not accepted by the broker
     │   ├── PublishNacked       the broker answered the confirm with a nack
+    │   │   └── QueueFull       ...because the contract's bounded queue is full
     │   ├── Unroutable          no queue is bound for the message (returned by `mandatory`)
-    │   └── PublishTimeout      no confirm within the timeout (state unknown: may be delivered)
+    │   ├── PublishTimeout      no confirm within the timeout (state unknown: may be delivered)
+    │   └── PublishInterrupted  the connection dropped before the confirm (state unknown)
     ├── TopologyError           the broker's exchanges and queues are not what the contracts need
     │   ├── TopologyConflict    an entity exists with another type or other arguments
     │   └── TopologyMissing     an entity the worker needs does not exist
@@ -59,6 +61,13 @@ class PublishNacked(PublishError):
     """The broker nacked the publish: nothing was stored."""
 
 
+class QueueFull(PublishNacked):
+    """The contract's queue is at its `max_length` and refused the message (reject-publish).
+
+    Nothing was stored. Back off, or pass `wait_if_full=` to `send` to keep trying for a while.
+    """
+
+
 class Unroutable(PublishError):
     """No queue is bound for the message; it was returned and not stored.
 
@@ -70,6 +79,14 @@ class PublishTimeout(PublishError):
     """No confirm arrived in time (for example while the broker blocks publishers).
 
     The message may or may not have been stored: sending it again can make a duplicate.
+    """
+
+
+class PublishInterrupted(PublishError):
+    """The connection (or the publishing channel) dropped before the broker confirmed the message.
+
+    Raised at once rather than waiting for the reconnect. The message may or may not have been
+    stored: sending it again (once the connection is back) can make a duplicate.
     """
 
 

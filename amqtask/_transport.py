@@ -28,7 +28,14 @@ from aio_pika.abc import (
 
 from amqtask import topology as topo
 from amqtask._codec import Delivery, Outgoing
-from amqtask._exceptions import NotConnected, PublishNacked, PublishTimeout, Unroutable
+from amqtask._exceptions import (
+    ConnectionLost,
+    NotConnected,
+    PublishInterrupted,
+    PublishNacked,
+    PublishTimeout,
+    Unroutable,
+)
 
 log = structlog.get_logger("amqtask.transport")
 
@@ -200,13 +207,22 @@ class _AioPikaReplyChannel:
     ) -> None:
         """Publish a request (mandatory, confirmed) once the reply consumer runs.
 
-        Raises like `publish`; the caller bounds the wait.
+        Waits while the connection is being restored (the caller bounds the wait). Raises like
+        `publish`, and `ConnectionLost` when the connection drops before the confirm.
         """
         channel = await self._ready()
         target = self._exchanges.get(exchange)
         if target is None:
             target = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
-        await _publish(target, routing_key, message, task=task, timeout=None, mandatory=True)
+        try:
+            await _publish(target, routing_key, message, task=task, timeout=None, mandatory=True)
+        except (ConnectionError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+            raise ConnectionLost(
+                f"task {task!r}: the connection to the broker dropped before the request was "
+                f"confirmed ({type(exc).__name__}); it may or may not have been processed",
+                task=task,
+                correlation_id=message.correlation_id or message.message_id,
+            ) from exc
 
     async def _ready(self) -> AbstractRobustChannel:
         channel = self._channel
@@ -294,12 +310,28 @@ class AioPikaTransport:
     ) -> None:
         """Publish persistent and wait for the broker's confirm.
 
-        Raises `Unroutable` (returned by `mandatory`), `PublishNacked`, or `PublishTimeout`.
+        Raises `Unroutable` (returned by `mandatory`), `PublishNacked`, `PublishTimeout`, or
+        `PublishInterrupted` when the connection is down or drops before the confirm.
         """
         target = await self._exchange(exchange)
-        await _publish(
-            target, routing_key, message, task=task, timeout=timeout, mandatory=mandatory
-        )
+        try:
+            await _publish(
+                target, routing_key, message, task=task, timeout=timeout, mandatory=mandatory
+            )
+        except (
+            # In flight when the connection dropped: aiormq fails the confirm with its
+            # AMQPConnectionError (a ConnectionError), or the channel's ChannelInvalidStateError.
+            ConnectionError,
+            # Sent while the robust connection is down: aio-pika refuses at once, nothing written.
+            aiormq.exceptions.ChannelInvalidStateError,
+        ) as exc:
+            raise PublishInterrupted(
+                f"task {task!r}: the connection dropped before the broker confirmed message "
+                f"{message.message_id} ({type(exc).__name__}); it may or may not be stored, and "
+                "sending it again may make a duplicate",
+                task=task,
+                message_id=message.message_id,
+            ) from exc
 
     async def consume(self, queue: str, on_message: OnMessage, *, prefetch: int) -> Subscription:
         """Consume `queue` with manual acks on a channel of its own with `prefetch` in flight."""

@@ -38,6 +38,7 @@ from amqtask.routing import delay_routing_key, delay_seconds
 log = structlog.get_logger("amqtask.worker")
 
 _DEAD_LETTER_ERRORS: tuple[type[BaseException], ...] = (AmqtaskError, *SETTLE_ERRORS)
+_RETRY_ERRORS: tuple[type[BaseException], ...] = (*_DEAD_LETTER_ERRORS, ValueError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,9 +252,9 @@ class Worker:
         Returns the delay in seconds, or None if the copy could not be published (then the task
         is dead-lettered rather than lost or retried in a tight loop).
         """
-        seconds = delay_seconds(contract.retry.delay_before(attempt + 1))
         copy = _codec.retry_copy(delivery, attempt=attempt + 1, exc=exc)
         try:
+            seconds = delay_seconds(contract.retry.delay_before(attempt + 1))
             await self.app.transport.publish(
                 self.app.names.delay_entry_exchange,
                 delay_routing_key(seconds, queue),
@@ -261,7 +262,7 @@ class Worker:
                 task=contract.name,
                 timeout=self.app.publish_timeout,
             )
-        except _DEAD_LETTER_ERRORS as publish_error:
+        except _RETRY_ERRORS as publish_error:
             log.error(
                 "retry_publish_failed", message_id=delivery.message_id, error=repr(publish_error)
             )

@@ -21,6 +21,14 @@ class Notify(BaseModel):
 
 
 resize = amqtask.contract("images.resize", Resize, returns=Resized, queue="images")
-notify = amqtask.contract("users.notify", Notify, queue="notifications", max_length=10_000)
+# Retried (1 s, 2 s apart) only when the mail server is unreachable; any other error, such as an
+# unknown user, goes straight to the dead-letter queue.
+notify = amqtask.contract(
+    "users.notify",
+    Notify,
+    queue="notifications",
+    max_length=10_000,
+    retry=amqtask.Retry(attempts=3, initial=1.0, on=(ConnectionError,)),
+)
 
 CONTRACTS = [resize, notify]

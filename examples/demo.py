@@ -31,7 +31,7 @@ from examples.producer import main as run_producer
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = Counter(
     {
-        ("images.resize", "succeeded"): 5,
+        ("images.resize", "succeeded"): 6,
         ("users.notify", "succeeded"): 1,
         ("users.notify", "failed"): 1,
     }

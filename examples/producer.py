@@ -26,6 +26,9 @@ async def main() -> None:
             )
         )
         print(f"producer: sent {len(ids)} images.resize tasks, all confirmed")
+        # A call waits for the worker's typed reply (over direct reply-to).
+        resized = await producer.call(resize, Resize(path="cover.png", width=32), timeout=10)
+        print(f"producer: call images.resize -> {resized!r}")
         await producer.send(notify, {"user": "ada", "text": "your images are ready"})
         await producer.send(notify, {"user": "nobody", "text": "this one fails"})
         print("producer: sent 2 users.notify tasks (one will fail and be dead-lettered)")

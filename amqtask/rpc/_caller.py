@@ -92,7 +92,8 @@ class Caller:
 
     def _on_lost(self, exc: BaseException | None) -> None:
         """The channel the replies come over closed: none of the calls in flight can get one."""
-        self._fail_all(f"the connection to the broker was lost ({exc!r})")
+        cause = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+        self._fail_all(f"the connection to the broker (or its call channel) closed{cause}")
 
     def _fail_all(self, why: str) -> None:
         failed = 0

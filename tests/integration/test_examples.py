@@ -33,7 +33,8 @@ def test_the_example_services_process_every_task_and_dead_letter_the_failure(
         asyncio.run(delete_topology(broker_url, app.topology))
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("task_succeeded") == 6
+    assert result.stdout.count("task_succeeded") == 7
+    assert "call images.resize -> Resized(path='cover-32.png', size=1024)" in result.stdout
     assert "task_failed     users.notify" in result.stdout
     assert "reason=handler_error error='LookupError: no such user: nobody'" in result.stdout
     assert "refused locally, nothing published: ValidationError" in result.stdout

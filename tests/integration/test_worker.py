@@ -131,7 +131,7 @@ async def test_malformed_messages_are_dead_lettered_with_their_reason_and_work_g
 async def test_a_failing_handler_dead_letters_the_task_with_the_exception(
     make_app: AppFactory, amqp: AbstractConnection, unique: str
 ) -> None:
-    job = amqtask.contract(f"{unique}.job", Job)
+    job = amqtask.contract(f"{unique}.job", Job, retry=amqtask.Retry(attempts=1))
     app = make_app([job])
     calls: list[int] = []
 
