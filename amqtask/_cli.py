@@ -1,13 +1,14 @@
 """The `amqtask` command. Thin: it loads an app and calls the same APIs a program would.
 
-Exit codes: 0 ok, 1 a failure the user can fix (conflict, missing topology, broker unreachable),
-2 usage error.
+Exit codes: 0 ok, 1 a failure the user can fix (conflict, missing topology, broker unreachable,
+a call that failed or timed out), 2 usage error (including a payload that does not fit the task).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -17,10 +18,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 import orjson
+from pydantic import BaseModel, ValidationError
 
-from amqtask import _logging
+from amqtask import _asyncapi, _codec, _dead_letters, _evolution, _logging, _status
 from amqtask._app import App
-from amqtask._exceptions import AmqtaskError, TopologyConflict
+from amqtask._contract import Contract
+from amqtask._exceptions import AmqtaskError, ContractError, RemoteError, TopologyConflict
 from amqtask._worker import Worker, WorkerSettings
 
 T = TypeVar("T")
@@ -59,6 +62,8 @@ def _run(app: App, work: Callable[[], Awaitable[T]]) -> T:
         return asyncio.run(work())  # type: ignore[arg-type]
     except AmqtaskError as exc:
         click.echo(f"error: {exc}", err=True)
+        if isinstance(exc, RemoteError) and exc.remote_traceback:
+            click.echo(f"remote traceback:\n{exc.remote_traceback.rstrip()}", err=True)
         sys.exit(1)
     except (ConnectionError, OSError) as exc:
         click.echo(f"error: cannot reach the broker at {_safe_url(app.url)}: {exc}", err=True)
@@ -171,6 +176,355 @@ def worker(
         await Worker(app, settings).run(stop)
 
     _run(app, work)
+
+
+def _task_payload(app: App, task: str, payload: str) -> tuple[Contract[Any, Any], BaseModel]:
+    """TASK's contract and PAYLOAD validated against its input model (usage errors otherwise)."""
+    try:
+        contract = app.contract(task)
+    except ContractError as exc:
+        raise click.BadParameter(str(exc), param_hint="TASK") from None
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="PAYLOAD") from None
+    try:
+        model: BaseModel = _codec.validate_input(contract, data)
+    except ValidationError as exc:
+        raise click.BadParameter(
+            f"does not fit {contract.input.__name__}: {exc}", param_hint="PAYLOAD"
+        ) from None
+    return contract, model
+
+
+_TIMEOUT = click.FloatRange(min=0, min_open=True)
+
+
+@cli.command()
+@click.argument("app_path", metavar="APP")
+@click.argument("task")
+@click.argument("payload", default="{}")
+@click.option(
+    "--timeout",
+    type=_TIMEOUT,
+    default=None,
+    help="Seconds to wait for the reply [default: the app's call_timeout].",
+)
+def call(app_path: str, task: str, payload: str, timeout: float | None) -> None:
+    """Run TASK on a worker with the JSON PAYLOAD and print its result as JSON.
+
+    Waits for a worker to reply (a task without a result model prints null). Exits 1 with the
+    remote error (type, message and traceback) when the handler raised or the worker refused the
+    request, and when no reply came within the timeout: the request then expires unprocessed.
+
+    \b
+    Example:
+      amqtask call examples.app:app images.resize '{"path": "a.png", "width": 64}' --timeout 5
+    """
+    _logging.configure(logging.WARNING)
+    app = load_app(app_path)
+    contract, model = _task_payload(app, task, payload)
+
+    async def work() -> bytes:
+        async with app:
+            result = await app.call(contract, model, timeout=timeout)
+        return _codec.result_json(contract, result)
+
+    click.echo(_run(app, work).decode())
+
+
+@cli.command()
+@click.argument("app_path", metavar="APP")
+@click.argument("task")
+@click.argument("payload", default="{}")
+@click.option(
+    "--timeout",
+    type=_TIMEOUT,
+    default=None,
+    help="Seconds to wait for the broker's confirm [default: the app's publish_timeout].",
+)
+def send(app_path: str, task: str, payload: str, timeout: float | None) -> None:
+    """Send TASK with the JSON PAYLOAD, fire and forget, and print its message id.
+
+    Returns once the broker confirmed it stored the message. Exits 1 when it is unroutable (run
+    `amqtask declare`), refused, or not confirmed in time.
+
+    \b
+    Example:
+      amqtask send examples.app:app users.notify '{"user": "ada", "text": "hello"}'
+    """
+    _logging.configure(logging.WARNING)
+    app = load_app(app_path)
+    contract, model = _task_payload(app, task, payload)
+
+    async def work() -> str:
+        async with app:
+            return await app.send(contract, model, timeout=timeout)
+
+    click.echo(_run(app, work))
+
+
+@cli.group()
+def dlq() -> None:
+    """Inspect, replay or purge a task's dead-letter queue.
+
+    \b
+    Examples:
+      amqtask dlq list examples.app:app users.notify
+      amqtask dlq replay examples.app:app users.notify --id 3f2a...
+      amqtask dlq purge examples.app:app users.notify --yes
+    """
+
+
+@dlq.command("list")
+@click.argument("app_path", metavar="APP")
+@click.argument("task")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dlq_list(app_path: str, task: str, limit: int, as_json: bool) -> None:
+    """Show the count and, per message: id, reason, attempts, first failure. Removes nothing."""
+    app = load_app(app_path)
+    contract = app.contract(task)
+
+    async def work() -> None:
+        count, letters = await _dead_letters.list_dead_letters(app, contract, limit=limit)
+        if as_json:
+            payload = {
+                "queue": f"{contract.queue}.dead",
+                "count": count,
+                "messages": [letter.to_dict() for letter in letters],
+            }
+            click.echo(orjson.dumps(payload).decode())
+            return
+        click.echo(f"{count} dead letter(s) in {contract.queue}.dead")
+        for letter in letters:
+            click.echo(
+                f"{letter.message_id}  {letter.task or '?'}  reason={letter.reason}  "
+                f"attempts={letter.attempts if letter.attempts is not None else '-'}  "
+                f"first_failed={letter.first_failed_at or '-'}\n    {letter.error or ''}"
+            )
+
+    _run(app, work)
+
+
+@dlq.command("replay")
+@click.argument("app_path", metavar="APP")
+@click.argument("task")
+@click.option("--id", "ids", multiple=True, help="Replay only this message id (repeatable).")
+def dlq_replay(app_path: str, task: str, ids: tuple[str, ...]) -> None:
+    """Move dead letters back to the work queue, each confirmed before it is removed."""
+    app = load_app(app_path)
+    contract = app.contract(task)
+
+    async def work() -> int:
+        return await _dead_letters.replay(app, contract, ids=set(ids) if ids else None)
+
+    replayed = _run(app, work)
+    click.echo(f"replayed {replayed} message(s) to {contract.queue}")
+    if ids and replayed < len(set(ids)):
+        click.echo(f"error: {len(set(ids)) - replayed} of the given ids were not found", err=True)
+        sys.exit(1)
+
+
+@dlq.command("purge")
+@click.argument("app_path", metavar="APP")
+@click.argument("task")
+@click.option("--yes", is_flag=True, help="Confirm: the messages are deleted for good.")
+def dlq_purge(app_path: str, task: str, yes: bool) -> None:
+    """Delete every message in the task's dead-letter queue."""
+    if not yes:
+        raise click.UsageError("purge deletes messages for good: pass --yes to confirm")
+    app = load_app(app_path)
+    contract = app.contract(task)
+
+    async def work() -> int:
+        return await _dead_letters.purge(app, contract)
+
+    click.echo(f"purged {_run(app, work)} message(s) from {contract.queue}.dead")
+
+
+@cli.group()
+def contracts() -> None:
+    """Export the contracts, check a change against a saved export, or write an AsyncAPI document.
+
+    None of these needs a broker.
+
+    \b
+    Examples:
+      amqtask contracts export examples.app:app -o contracts.json
+      amqtask contracts check examples.app:app --against contracts.json
+      amqtask contracts asyncapi examples.app:app -o asyncapi.json
+    """
+
+
+_OUTPUT = click.option(
+    "-o",
+    "--output",
+    type=click.File("wb"),
+    default="-",
+    help="Write to this file [default: stdout].",
+)
+
+
+@contracts.command("export")
+@click.argument("app_path", metavar="APP")
+@_OUTPUT
+def contracts_export(app_path: str, output: Any) -> None:
+    """Write APP's contracts as JSON: name, version, queue, queue type, routing key, retry policy,
+    and the JSON Schemas of input and output.
+
+    Stable for diffs: sorted keys, 2-space indent, tasks ordered by name and version. Commit it,
+    and `contracts check` later changes against it.
+
+    \b
+    Example:
+      amqtask contracts export examples.app:app -o contracts.json
+    """
+    app = load_app(app_path)
+    output.write(_evolution.dumps(_evolution.export(app.contracts, namespace=app.names.namespace)))
+
+
+@contracts.command("check")
+@click.argument("app_path", metavar="APP")
+@click.option(
+    "--against",
+    required=True,
+    type=click.File("rb"),
+    help="A saved `amqtask contracts export`.",
+)
+@click.option(
+    "--order",
+    type=click.Choice([order.value for order in _evolution.DeployOrder]),
+    default=_evolution.DeployOrder.ANY.value,
+    show_default=True,
+    help="Deployment order to gate on: any (both directions must hold), workers-first (old "
+    "producers meet new workers) or producers-first (new producers meet old workers).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the changes as JSON.")
+def contracts_check(app_path: str, against: Any, order: str, as_json: bool) -> None:
+    """Compare APP's contracts with a saved export; exit 1 on a breaking change.
+
+    Each change (field added, removed or retyped, enum narrowed or widened, constraint tightened
+    or relaxed, task added or removed, queue or routing changed, ...) is judged twice: for a
+    producer on the old contracts sending to a worker on the new ones, and for a new producer
+    sending to an old worker. For a task's result the caller is the reader. A rename is a removal
+    plus an addition. Exit codes: 0 nothing breaks, 1 something breaks, 2 unreadable export.
+
+    \b
+    Example:
+      amqtask contracts check examples.app:app --against contracts.json
+      amqtask contracts check examples.app:app --against contracts.json --order workers-first
+    """
+    app = load_app(app_path)
+    deploy = _evolution.DeployOrder(order)
+    try:
+        saved = _evolution.loads(against.read())
+        changes = _evolution.check(
+            saved, _evolution.export(app.contracts, namespace=app.names.namespace)
+        )
+    except _evolution.ExportError as exc:
+        raise click.BadParameter(f"{against.name}: {exc}", param_hint="--against") from None
+    if as_json:
+        click.echo(orjson.dumps(_evolution.report(changes, deploy)).decode())
+    else:
+        click.echo(_evolution.render(changes, deploy))
+    sys.exit(1 if any(change.breaks(deploy) for change in changes) else 0)
+
+
+@contracts.command("asyncapi")
+@click.argument("app_path", metavar="APP")
+@_OUTPUT
+@click.option("--title", default=None, help="info.title [default: amqtask tasks (NAMESPACE)].")
+@click.option("--api-version", default="1.0.0", show_default=True, help="info.version.")
+def contracts_asyncapi(app_path: str, output: Any, title: str | None, api_version: str) -> None:
+    """Write an AsyncAPI 3.0.0 document (JSON) of APP's contracts.
+
+    A channel per task (its routing key on the task exchange) and per work queue, with AMQP
+    bindings; send and receive operations, with replies for tasks that return a result; messages
+    with their headers and payload schemas in components.
+
+    \b
+    Example:
+      amqtask contracts asyncapi examples.app:app -o asyncapi.json
+    """
+    app = load_app(app_path)
+    document = _asyncapi.document(app, title=title, version=api_version)
+    output.write(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+@cli.command()
+@click.argument("app_path", metavar="APP")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a line per sample).")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Refresh every SECONDS, with in/out rates from successive samples.",
+)
+@click.option("--count", type=click.IntRange(1), default=None, hidden=True)  # bounds --watch
+@click.option(
+    "--management-url",
+    envvar="AMQTASK_MANAGEMENT_URL",
+    default=None,
+    metavar="URL",
+    help="The management API, e.g. http://guest:guest@127.0.0.1:15672, for unacked counts and "
+    "rates [env: AMQTASK_MANAGEMENT_URL; default: AMQP only].",
+)
+def status(
+    app_path: str,
+    as_json: bool,
+    watch: float | None,
+    count: int | None,
+    management_url: str | None,
+) -> None:
+    """Show, per task: ready and unacked messages, consumers, dead letters; and delayed messages.
+
+    Over AMQP alone (passive declares) unacked counts and in/out rates are unknown and shown as
+    '?' (null in JSON); --management-url adds them, and falls back to AMQP with a warning when
+    the API cannot be reached. A missing queue is shown as missing.
+
+    \b
+    Example:
+      amqtask status examples.app:app
+      amqtask status examples.app:app --watch 5 --management-url http://guest:guest@127.0.0.1:15672
+    """
+    _logging.configure(logging.WARNING)
+    app = load_app(app_path)
+    management = None
+    if management_url:
+        try:
+            management = _status.Management.from_urls(management_url, app.url)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--management-url") from None
+
+    async def work() -> None:
+        previous: _status.Sample | None = None
+        samples = 0
+        async with _status.Sampler(app, management) as sampler:
+            while True:
+                sample = await sampler.sample()
+                data = _status.report(app.contracts, app.names, sample, previous)
+                if as_json:
+                    click.echo(orjson.dumps(data).decode())
+                    for warning in data["warnings"]:
+                        click.echo(f"warning: {warning}", err=True)
+                else:
+                    if watch is not None and sys.stdout.isatty():
+                        click.clear()
+                    click.echo(_status.render(data))
+                samples += 1
+                if watch is None or (count is not None and samples >= count):
+                    return
+                if not as_json:
+                    click.echo()
+                previous = sample
+                await asyncio.sleep(watch)
+
+    try:
+        _run(app, work)
+    except KeyboardInterrupt:
+        sys.exit(0 if watch is not None else 130)  # Ctrl-C is how a watch ends
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -1,0 +1,431 @@
+"""`amqtask status`: per task, what waits in its queue, who consumes it, what died, what is delayed.
+
+Two sources, one report:
+
+* **AMQP** (always used): a passive `queue.declare` returns whether a queue exists, its
+  ready-message count and its consumer count, current to the moment, and nothing more. Unacked
+  deliveries and publish/deliver counts are not visible over AMQP: without the management API
+  they are reported as unknown (null), never as 0.
+* **The management HTTP API** (`GET /api/queues/{vhost}/{name}`, the `rabbitmq_management`
+  plugin), when given: adds unacked counts and the broker's publish and deliver counters and
+  rates. The broker refreshes these statistics every few seconds (`collect_statistics_interval`,
+  5 s by default; a new quorum queue may take longer to show any), so they lag behind AMQP's
+  counts. Unreachable, it is skipped with a warning.
+
+Delayed messages wait in the namespace's delay levels, shared by all its tasks; their sum is
+reported once. With `--watch`, rates come from successive samples: in and out (msgs/s) from the
+management counters, and the net change of the backlog from either source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import aio_pika
+import aiormq.exceptions
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from amqtask._app import App
+from amqtask._asyncapi import vhost_of
+from amqtask._contract import Contract
+from amqtask.routing import DELAY_LEVELS, Names, dead_letter_queue_name
+
+UNKNOWN_OVER_AMQP = "unacked and in/out rates need the management API (--management-url)"
+
+
+class Source(StrEnum):
+    AMQP = "amqp"  # passive declares only
+    MANAGEMENT = "amqp+management"  # passive declares, plus the management API's numbers
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One queue as the broker reported it; None where the source cannot tell."""
+
+    name: str
+    exists: bool
+    ready: int | None = None
+    unacked: int | None = None
+    consumers: int | None = None
+    published: int | None = None  # cumulative count of messages published into the queue
+    delivered: int | None = None  # cumulative deliveries and basic.gets (`deliver_get`)
+    publish_rate: float | None = None  # the broker's own rates (msgs/s)
+    deliver_rate: float | None = None
+
+    @property
+    def messages(self) -> int | None:
+        """Ready plus unacked where both are known, else ready."""
+        if self.ready is None:
+            return None
+        return self.ready + (self.unacked or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """Every queue status looks at, read at one moment from one source."""
+
+    source: Source
+    queues: Mapping[str, QueueStats]
+    taken_at: float = field(default_factory=time.monotonic)
+    warnings: tuple[str, ...] = ()
+
+
+# --- what to look at (pure) -------------------------------------------------------------------
+
+
+def delay_queues(names: Names) -> tuple[str, ...]:
+    return tuple(names.delay_level(level) for level in range(DELAY_LEVELS))
+
+
+def queues_of(contracts: Iterable[Contract[Any, Any]], names: Names) -> tuple[str, ...]:
+    """Work queues, their dead-letter queues and the delay levels, each once."""
+    wanted: dict[str, None] = {}
+    for contract in sorted(contracts, key=lambda c: (c.name, c.version)):
+        wanted[contract.queue] = None
+        wanted[dead_letter_queue_name(contract.queue)] = None
+    wanted.update(dict.fromkeys(delay_queues(names)))
+    return tuple(wanted)
+
+
+# --- the management API -----------------------------------------------------------------------
+
+
+class ManagementUnavailable(Exception):
+    """The management API could not be asked (unreachable, refused, or not the API)."""
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _rate(stats: Mapping[str, Any], key: str) -> float | None:
+    details = stats.get(f"{key}_details")
+    if isinstance(details, Mapping) and isinstance(details.get("rate"), int | float):
+        return float(details["rate"])
+    return None
+
+
+def parse_management_queue(name: str, payload: Mapping[str, Any]) -> QueueStats:
+    """A queue from the management API's JSON (`GET /api/queues/{vhost}/{name}`).
+
+    A queue that never saw traffic has no `message_stats`: its counters are 0.
+    """
+    stats = payload.get("message_stats")
+    stats = stats if isinstance(stats, Mapping) else {}
+    return QueueStats(
+        name=name,
+        exists=True,
+        ready=_int(payload.get("messages_ready")),
+        unacked=_int(payload.get("messages_unacknowledged")),
+        consumers=_int(payload.get("consumers")),
+        published=_int(stats.get("publish", 0)),
+        delivered=_int(stats.get("deliver_get", 0)),
+        publish_rate=_rate(stats, "publish"),
+        deliver_rate=_rate(stats, "deliver_get"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Management:
+    """Where the management API answers and how to log in (from its URL, else the AMQP URL's)."""
+
+    base_url: str  # scheme://host:port[/prefix], without credentials
+    username: str
+    password: str
+    timeout: float = 5.0
+
+    @classmethod
+    def from_urls(cls, management_url: str, amqp_url: str, timeout: float = 5.0) -> Management:
+        parts = urlsplit(management_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected http(s)://[user:pass@]host:port, got {management_url!r}")
+        amqp = urlsplit(amqp_url)
+        username = parts.username or amqp.username or "guest"
+        password = parts.password or amqp.password or "guest"
+        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        base = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+        return cls(base, unquote(username), unquote(password), timeout)
+
+    def get(self, path: str) -> Any:
+        """GET `path` under /api and parse it; None for a 404. Raises `ManagementUnavailable`."""
+        request = urllib.request.Request(f"{self.base_url}/api{path}")
+        token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        request.add_header("Accept", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                body = response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise ManagementUnavailable(
+                f"the management API at {self.base_url} answered HTTP {exc.code} {exc.reason}"
+            ) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ManagementUnavailable(
+                f"cannot reach the management API at {self.base_url}: {reason}"
+            ) from None
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise ManagementUnavailable(
+                f"{self.base_url} did not answer with JSON: is it the management API?"
+            ) from None
+
+    def queue(self, vhost: str, name: str) -> QueueStats:
+        payload = self.get(f"/queues/{quote(vhost, safe='')}/{quote(name, safe='')}")
+        if payload is None:
+            return QueueStats(name, exists=False)
+        if not isinstance(payload, Mapping):
+            raise ManagementUnavailable(f"unexpected answer for queue {name!r}: {payload!r}"[:200])
+        return parse_management_queue(name, payload)
+
+    def queues(self, vhost: str, names: Sequence[str]) -> dict[str, QueueStats]:
+        return {name: self.queue(vhost, name) for name in names}
+
+
+def merge(amqp: QueueStats, management: QueueStats | None) -> QueueStats:
+    """AMQP's current existence, ready and consumer counts, with the management API's unacked
+    count, counters and rates (which lag by the broker's statistics interval)."""
+    if management is None or not management.exists or not amqp.exists:
+        return amqp
+    return replace(
+        amqp,
+        unacked=management.unacked,
+        published=management.published,
+        delivered=management.delivered,
+        publish_rate=management.publish_rate,
+        deliver_rate=management.deliver_rate,
+    )
+
+
+# --- AMQP -------------------------------------------------------------------------------------
+
+
+async def _passive(connection: AbstractConnection, names: Sequence[str]) -> dict[str, QueueStats]:
+    """Passive declares: ready count and consumers per queue; a 404 means the queue is missing.
+
+    A 404 closes the channel, so a new one is opened after each missing queue.
+    """
+    found: dict[str, QueueStats] = {}
+    channel: AbstractChannel | None = None
+    try:
+        for name in names:
+            if channel is None or channel.is_closed:
+                channel = await connection.channel(publisher_confirms=False)
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                found[name] = QueueStats(name, exists=False)
+                channel = None
+                continue
+            result = queue.declaration_result
+            found[name] = QueueStats(
+                name,
+                exists=True,
+                ready=result.message_count or 0,
+                consumers=result.consumer_count or 0,
+            )
+    finally:
+        if channel is not None and not channel.is_closed:
+            await channel.close()
+    return found
+
+
+class Sampler:
+    """Reads the queues status shows over one AMQP connection (opened on first need, kept for
+    `--watch`), and from the management API too when given and reachable."""
+
+    def __init__(self, app: App, management: Management | None = None) -> None:
+        self.app = app
+        self.management = management
+        self.vhost = vhost_of(app.url)
+        self.queues = queues_of(app.contracts, app.names)
+        self._connection: AbstractConnection | None = None
+
+    async def sample(self) -> Sample:
+        if self._connection is None:
+            self._connection = await aio_pika.connect(self.app.url, name="amqtask-status")
+        queues = await _passive(self._connection, self.queues)
+        if self.management is None:
+            return Sample(Source.AMQP, queues)
+        try:
+            extra = await asyncio.to_thread(self.management.queues, self.vhost, self.queues)
+        except ManagementUnavailable as exc:
+            # Not asked again: a watch keeps one source, so its rates stay comparable.
+            self.management = None
+            return Sample(Source.AMQP, queues, warnings=(f"{exc}; falling back to AMQP",))
+        merged = {name: merge(stats, extra.get(name)) for name, stats in queues.items()}
+        return Sample(Source.MANAGEMENT, merged)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+# --- the report (pure) ------------------------------------------------------------------------
+
+
+def _per_second(before: int | None, after: int | None, seconds: float) -> float | None:
+    if before is None or after is None or seconds <= 0:
+        return None
+    return round((after - before) / seconds, 2)
+
+
+def rates(
+    previous: QueueStats | None, current: QueueStats, seconds: float | None
+) -> dict[str, float | None]:
+    """In, out and net (backlog change) rates in msgs/s.
+
+    From two samples `seconds` apart when there is a previous one; else the broker's own rates
+    (management only). Over AMQP only the net change can be known.
+    """
+    if previous is None or seconds is None:
+        net = None
+        if current.publish_rate is not None and current.deliver_rate is not None:
+            net = round(current.publish_rate - current.deliver_rate, 2)
+        return {"in": current.publish_rate, "out": current.deliver_rate, "net": net}
+    return {
+        "in": _per_second(previous.published, current.published, seconds),
+        "out": _per_second(previous.delivered, current.delivered, seconds),
+        "net": _per_second(previous.messages, current.messages, seconds),
+    }
+
+
+def report(
+    contracts: Iterable[Contract[Any, Any]],
+    names: Names,
+    sample: Sample,
+    previous: Sample | None = None,
+) -> dict[str, Any]:
+    """The JSON form of `amqtask status`: one row per contract, the delay levels, warnings."""
+    seconds = sample.taken_at - previous.taken_at if previous is not None else None
+    rows = []
+    for contract in sorted(contracts, key=lambda c: (c.name, c.version)):
+        queue = sample.queues.get(contract.queue) or QueueStats(contract.queue, exists=False)
+        dead_name = dead_letter_queue_name(contract.queue)
+        dead = sample.queues.get(dead_name) or QueueStats(dead_name, exists=False)
+        before = previous.queues.get(contract.queue) if previous is not None else None
+        rows.append(
+            {
+                "task": contract.name,
+                "version": contract.version,
+                "queue": contract.queue,
+                "queue_type": contract.queue_type.value,
+                "exists": queue.exists,
+                "ready": queue.ready,
+                "unacked": queue.unacked,
+                "consumers": queue.consumers,
+                "dead_letter_queue": dead_name,
+                "dead_letters": dead.messages,
+                "rates": rates(before, queue, seconds)
+                if queue.exists
+                else {"in": None, "out": None, "net": None},
+            }
+        )
+    levels = [sample.queues.get(name) for name in delay_queues(names)]
+    present = [level for level in levels if level is not None and level.exists]
+    missing = [
+        name
+        for name, level in zip(delay_queues(names), levels, strict=True)
+        if level is None or not level.exists
+    ]
+    notes = [UNKNOWN_OVER_AMQP] if sample.source is Source.AMQP else []
+    return {
+        "source": sample.source.value,
+        "namespace": names.namespace,
+        "tasks": rows,
+        "delayed": {
+            "messages": sum(level.messages or 0 for level in present) if present else None,
+            "levels": len(levels),
+            "missing_levels": missing,
+        },
+        "warnings": list(sample.warnings),
+        "notes": notes,
+        "interval": round(seconds, 3) if seconds is not None else None,
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "?"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+_HEADERS = ("task", "queue", "ready", "unacked", "consumers", "dead", "in/s", "out/s", "net/s")
+
+
+def render(data: Mapping[str, Any]) -> str:
+    """`amqtask status` as text: a table, the delay levels, and what could not be known."""
+    via = "AMQP and the management API" if data["source"] == Source.MANAGEMENT else "AMQP"
+    lines = [f"status of namespace {data['namespace']!r} via {via}"]
+    rows: list[tuple[str, ...]] = []
+    missing: list[str] = []
+    for row in data["tasks"]:
+        subject = f"{row['task']} v{row['version']}"
+        if not row["exists"]:
+            rows.append((subject, row["queue"], "missing", "", "", "", "", "", ""))
+            missing.append(row["queue"])
+            continue
+        r = row["rates"]
+        rows.append(
+            (
+                subject,
+                row["queue"],
+                _cell(row["ready"]),
+                _cell(row["unacked"]),
+                _cell(row["consumers"]),
+                _cell(row["dead_letters"]),
+                "-" if r["in"] is None else _cell(r["in"]),
+                "-" if r["out"] is None else _cell(r["out"]),
+                "-" if r["net"] is None else _cell(r["net"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in (_HEADERS, *rows)) for i in range(len(_HEADERS))]
+    for row in (_HEADERS, *rows):
+        cells = [
+            cell.ljust(width) if index < 2 else cell.rjust(width)
+            for index, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    delayed = data["delayed"]
+    if delayed["messages"] is None:
+        lines.append("delayed: ? (no delay level exists: run amqtask declare)")
+    else:
+        gaps = len(delayed["missing_levels"])
+        lines.append(
+            f"delayed: {delayed['messages']} message(s) in the delay levels of "
+            f"{data['namespace']!r} (all tasks)"
+            + (f"; {gaps} of {delayed['levels']} levels missing" if gaps else "")
+        )
+    if missing:
+        lines.append(f"missing queue(s): {', '.join(missing)}: run amqtask declare")
+    lines.extend(f"? {note}" for note in data["notes"])
+    lines.extend(f"warning: {warning}" for warning in data["warnings"])
+    return "\n".join(lines)

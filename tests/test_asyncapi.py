@@ -1,0 +1,203 @@
+"""Unit tests of the AsyncAPI document (`amqtask._asyncapi`).
+
+No package on PyPI ships the official AsyncAPI 3.0.0 JSON Schema (the ones that model AsyncAPI 3
+carry Python classes, not the schema), so these tests assert the structure the 3.0.0
+specification requires instead: the version, `info.title`/`info.version`, channels with an
+address and messages, operations whose `action` is send or receive and whose channel and
+messages are `$ref`s into the document (an operation's messages must be its channel's), keys of
+the allowed form, and every `$ref` resolving.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+import amqtask
+from amqtask._asyncapi import document, vhost_of
+
+KEY = re.compile(r"^[\w\d.\-_]+$")  # the spec's pattern for component, channel, operation keys
+
+
+class Resize(BaseModel):
+    path: str
+    width: int
+
+
+class Resized(BaseModel):
+    path: str
+    size: int
+
+
+class Notify(BaseModel):
+    user: str
+    text: str
+
+
+resize = amqtask.contract("images.resize", Resize, returns=Resized, queue="images")
+resize_v2 = amqtask.contract("images.resize", Resize, returns=Resized, version=2)
+notify = amqtask.contract("users:notify", Notify, queue="images")  # shares the queue
+count = amqtask.contract("stats.count", Notify, returns=int, queue_type="classic")
+
+APP = amqtask.App(
+    "amqp://user:secret@broker.example:5673/prod",
+    [resize, resize_v2, notify, count],
+    namespace="shop",
+)
+
+
+def refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from refs(item)
+
+
+def resolve(doc: dict[str, Any], ref: str) -> Any:
+    assert ref.startswith("#/"), ref
+    node: Any = doc
+    for part in ref[2:].split("/"):
+        assert isinstance(node, dict)
+        assert part in node, f"{ref} does not resolve"
+        node = node[part]
+    return node
+
+
+def test_the_document_has_the_structure_asyncapi_3_requires() -> None:
+    doc = document(APP, version="2.1.0")
+
+    assert doc["asyncapi"] == "3.0.0"
+    assert doc["info"] == {"title": "amqtask tasks (shop)", "version": "2.1.0"}
+    assert doc["defaultContentType"] == "application/json"
+    for section in ("channels", "operations"):
+        assert all(KEY.match(key) for key in doc[section]), doc[section].keys()
+    for section in ("schemas", "messages"):
+        assert all(KEY.match(key) for key in doc["components"][section])
+    for channel in doc["channels"].values():
+        assert "address" in channel
+        assert channel["address"] is None or isinstance(channel["address"], str)
+        assert channel["messages"]
+    for operation in doc["operations"].values():
+        assert operation["action"] in ("send", "receive")
+        channel_ref = operation["channel"]["$ref"]
+        assert channel_ref.startswith("#/channels/")
+        channel = resolve(doc, channel_ref)
+        # An operation's messages are references to messages of its channel.
+        for message in operation["messages"]:
+            assert message["$ref"].startswith(channel_ref + "/messages/")
+        if "reply" in operation:
+            reply_channel = operation["reply"]["channel"]["$ref"]
+            for message in operation["reply"]["messages"]:
+                assert message["$ref"].startswith(reply_channel + "/messages/")
+        assert channel
+    for message in doc["components"]["messages"].values():
+        assert message["payload"]
+        assert message["contentType"] == "application/json"
+        if "headers" in message:
+            assert message["headers"]["type"] == "object"
+    for ref in refs(doc):
+        resolve(doc, ref)
+    # JSON all the way (what the command writes).
+    assert orjson.loads(orjson.dumps(doc)) == doc
+
+
+def test_each_task_has_a_routing_key_channel_and_each_queue_one_channel() -> None:
+    doc = document(APP)
+    channels = doc["channels"]
+
+    task = channels["task.images.resize.v1"]
+    assert task["address"] == "images.resize.v1"
+    assert task["bindings"]["amqp"] == {
+        "is": "routingKey",
+        "exchange": {
+            "name": "shop.tasks",
+            "type": "direct",
+            "durable": True,
+            "autoDelete": False,
+            "vhost": "prod",
+        },
+        "bindingVersion": "0.3.0",
+    }
+    assert channels["task.images.resize.v2"]["address"] == "images.resize.v2"
+    assert channels["task.users_notify.v1"]["address"] == "users:notify.v1"
+
+    shared = channels["queue.images"]
+    assert shared["address"] == "images"
+    assert shared["bindings"]["amqp"]["is"] == "queue"
+    assert shared["bindings"]["amqp"]["queue"]["name"] == "images"
+    assert set(shared["messages"]) == {"images.resize.v1", "users_notify.v1"}
+    assert channels["queue.images.resize.v2"]["address"] == "images.resize.v2"
+
+
+def test_send_and_receive_operations_with_replies_for_results() -> None:
+    doc = document(APP)
+    operations = doc["operations"]
+
+    send = operations["send.images.resize.v1"]
+    assert send["action"] == "send"
+    assert send["channel"] == {"$ref": "#/channels/task.images.resize.v1"}
+    assert send["bindings"]["amqp"]["deliveryMode"] == 2
+    assert send["reply"]["channel"] == {"$ref": "#/channels/replies"}
+    assert resolve(doc, send["reply"]["messages"][0]["$ref"]) == {
+        "$ref": "#/components/messages/images.resize.v1.result"
+    }
+    receive = operations["receive.users_notify.v1"]
+    assert receive["action"] == "receive"
+    assert receive["channel"] == {"$ref": "#/channels/queue.images"}
+    assert "reply" not in receive  # no result
+    assert doc["channels"]["replies"]["address"] is None
+    assert set(operations) == {
+        f"{action}.{task}"
+        for action in ("send", "receive")
+        for task in ("images.resize.v1", "images.resize.v2", "users_notify.v1", "stats.count.v1")
+    }
+
+
+def test_messages_carry_headers_and_payload_schemas_from_the_models() -> None:
+    doc = document(APP)
+    messages = doc["components"]["messages"]
+    schemas = doc["components"]["schemas"]
+
+    message = messages["images.resize.v1"]
+    assert message["name"] == "images.resize"
+    assert message["payload"] == {"$ref": "#/components/schemas/Resize"}
+    assert message["headers"]["properties"]["amqtask-task"]["const"] == "images.resize"
+    assert message["headers"]["properties"]["amqtask-version"]["const"] == 1
+    assert schemas["Resize"] == Resize.model_json_schema()
+    assert schemas["Resized"] == Resized.model_json_schema()
+    assert messages["images.resize.v1.result"]["payload"] == {
+        "$ref": "#/components/schemas/Resized"
+    }
+    # A result that is not a model is described inline.
+    assert messages["stats.count.v1.result"]["payload"] == {"type": "integer"}
+
+
+def test_the_server_never_shows_credentials() -> None:
+    doc = document(APP, title="Shop")
+
+    assert doc["info"]["title"] == "Shop"
+    assert doc["servers"] == {
+        "broker": {
+            "host": "broker.example:5673",
+            "protocol": "amqp",
+            "protocolVersion": "0.9.1",
+            "pathname": "/prod",
+        }
+    }
+    assert b"secret" not in orjson.dumps(doc)
+
+
+def test_vhost_of_an_amqp_url() -> None:
+    assert vhost_of("amqp://guest:guest@127.0.0.1:5672/") == "/"
+    assert vhost_of("amqp://127.0.0.1") == "/"
+    assert vhost_of("amqp://h/%2F") == "/"
+    assert vhost_of("amqp://h/shop") == "shop"
