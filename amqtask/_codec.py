@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from amqtask import _tracing
 from amqtask._contract import Contract
 from amqtask._exceptions import DecodeError, InvalidReply, RemoteError
 
@@ -106,10 +107,12 @@ def encode_task(
 ) -> Outgoing:
     """Validate and serialize a task message. Raises `ValidationError`, publishing nothing."""
     model = validate_input(contract, payload)
+    headers: dict[str, Any] = {TASK: contract.name, VERSION: contract.version}
+    _tracing.inject(headers)  # traceparent, when OpenTelemetry is installed and a span is active
     return Outgoing(
         body=orjson.dumps(model.model_dump(mode="json")),
         message_id=message_id or new_message_id(),
-        headers={TASK: contract.name, VERSION: contract.version},
+        headers=headers,
     )
 
 

@@ -77,6 +77,11 @@ class Transport(Protocol):
 
     async def connect(self) -> None: ...
     async def close(self) -> None: ...
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up now (False while it reconnects)."""
+        ...
+
     async def publish(
         self,
         exchange: str,
@@ -161,15 +166,24 @@ async def _publish(
         ) from None
 
 
+_CANCEL_TIMEOUT = 5.0
+_CANCEL_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *SETTLE_ERRORS)
+
+
 class _AioPikaSubscription:
     def __init__(self, channel: AbstractChannel, queue: AbstractQueue, tag: str) -> None:
         self._channel, self._queue, self._tag = channel, queue, tag
 
     async def cancel(self) -> None:
-        """Stop deliveries; the channel stays open so in-flight messages can still be acked."""
+        """Stop deliveries; the channel stays open so in-flight messages can still be acked.
+
+        Bounded: while the broker is unreachable a robust channel would wait for it forever;
+        a consumer of a dead connection gets no deliveries anyway.
+        """
         try:
-            await self._queue.cancel(self._tag)
-        except SETTLE_ERRORS as exc:
+            async with asyncio.timeout(_CANCEL_TIMEOUT):
+                await self._queue.cancel(self._tag)
+        except _CANCEL_ERRORS as exc:
             log.warning("consumer_cancel_failed", queue=self._queue.name, error=repr(exc))
 
     async def close(self) -> None:
@@ -268,6 +282,11 @@ class AioPikaTransport:
         if self._connection is None:
             raise NotConnected("not connected: use `async with app:` (or `await app.connect()`)")
         return self._connection
+
+    @property
+    def connected(self) -> bool:
+        connection = self._connection
+        return connection is not None and connection.connected.is_set()
 
     async def connect(self) -> None:
         if self._connection is not None:

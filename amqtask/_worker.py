@@ -19,8 +19,10 @@ whose caller stopped waiting before it could start (`call_expired`; acked, not r
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +30,11 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from amqtask import _codec
+from amqtask import _codec, _tracing
 from amqtask._app import App, Handler
 from amqtask._contract import Contract
 from amqtask._exceptions import AmqtaskError, DecodeError, Reject
+from amqtask._metrics import WorkerMetrics
 from amqtask._transport import SETTLE_ERRORS, IncomingDelivery, Subscription
 from amqtask.routing import delay_routing_key, delay_seconds
 
@@ -63,7 +66,13 @@ class WorkerSettings:
 class Worker:
     """Consumes the queues of the app's contracts that have handlers."""
 
-    def __init__(self, app: App, settings: WorkerSettings | None = None) -> None:
+    def __init__(
+        self,
+        app: App,
+        settings: WorkerSettings | None = None,
+        *,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         if not app.handlers:
             raise AmqtaskError("the app has no handlers: register them with @app.handler(...)")
         self.app = app
@@ -78,6 +87,8 @@ class Worker:
         self._stopping = False
         self._contracts = app.handled
         self.counts: dict[str, int] = defaultdict(int)
+        self.metrics = metrics
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def queues(self) -> tuple[str, ...]:
@@ -98,6 +109,9 @@ class Worker:
                 queue, self._consumer(queue), prefetch=prefetch
             )
             self._subscriptions.append(subscription)
+        if self.metrics is not None:
+            self.metrics.prefetch.set(prefetch)
+            self._watch = asyncio.create_task(self._watch_connection(self.metrics))
         log.info(
             "worker_started",
             queues=list(self.queues),
@@ -105,6 +119,11 @@ class Worker:
             concurrency=self.settings.concurrency,
             prefetch=prefetch,
         )
+
+    async def _watch_connection(self, metrics: WorkerMetrics) -> None:
+        while True:
+            metrics.set_connected(self.app.transport.connected)
+            await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
         """Stop consuming, let running handlers finish (up to `shutdown_timeout`), and close.
@@ -115,6 +134,8 @@ class Worker:
         if self._stopping:
             return
         self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
         for subscription in self._subscriptions:
             await subscription.cancel()
         running = set(self._running)
@@ -158,10 +179,17 @@ class Worker:
             task = asyncio.current_task()
             assert task is not None
             self._running.add(task)
+            metrics = self.metrics
+            if metrics is not None:
+                name = _codec.header_text((delivery.headers or {}).get(_codec.TASK))
+                metrics.received.labels(name or "unknown").inc()
+                metrics.in_flight.inc()
             try:
                 await self._process(queue, delivery)
             finally:
                 self._running.discard(task)
+                if metrics is not None:
+                    metrics.in_flight.dec()
 
     async def _process(self, queue: str, delivery: IncomingDelivery) -> None:
         started = time.perf_counter()
@@ -190,7 +218,7 @@ class Worker:
         handler = self.app.handlers[contract.key]
         attempt = _codec.attempt_of(delivery)
         try:
-            result = await self._run_handler(handler, payload)
+            result = await self._run_handler(handler, payload, delivery.headers)
         except Reject as signal:
             await self._reply_error(
                 delivery, reason=_codec.Reasons.REJECTED, error=signal.reason, exc=signal
@@ -198,7 +226,14 @@ class Worker:
             await self._dead_letter(
                 queue, delivery, reason=_codec.Reasons.REJECTED, error=signal.reason, exc=signal
             )
-            self._outcome("rejected", contract.name, message_id, started, reason=signal.reason)
+            self._outcome(
+                "rejected",
+                contract.name,
+                message_id,
+                started,
+                reason="rejected",
+                error=signal.reason,
+            )
             return
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -337,11 +372,21 @@ class Worker:
                 error=repr(exc),
             )
 
-    async def _run_handler(self, handler: Handler, payload: Any) -> Any:
+    async def _run_handler(
+        self, handler: Handler, payload: Any, headers: Mapping[str, Any] | None = None
+    ) -> Any:
+        if not _tracing.ENABLED:
+            return await self._call(handler, payload)
+        with _tracing.consumer_span(headers or {}, handler.contract.name):
+            return await self._call(handler, payload)
+
+    async def _call(self, handler: Handler, payload: Any) -> Any:
         if handler.is_async:
             return await handler.func(payload)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, handler.func, payload)
+        # The thread runs in a copy of this context, so the handler sees the current span.
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(self._executor, context.run, handler.func, payload)
 
     async def _dead_letter(
         self,
@@ -397,12 +442,15 @@ class Worker:
         **extra: Any,
     ) -> None:
         self.counts[outcome] += 1
+        seconds = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.outcome(outcome, task, seconds, extra.get("reason"))
         level = log.info if outcome in ("succeeded", "retried") else log.warning
         level(
             f"task_{outcome}",
             task=task,
             message_id=message_id,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            duration_ms=round(seconds * 1000, 3),
             outcome=outcome,
             **extra,
         )

@@ -1,0 +1,142 @@
+"""Prometheus metrics and a health endpoint for a worker (`amqtask worker --metrics-port`).
+
+Served from a small thread of its own, so a busy or blocked event loop still answers scrapes:
+
+    GET /metrics   Prometheus text format
+    GET /health    200 while the broker connection is up (or lost for less than the grace
+                   period), 503 once it has been lost and not restored for longer
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+DEFAULT_HEALTH_GRACE = 10.0  # seconds a reconnect may take before the worker reports unhealthy
+
+
+class WorkerMetrics:
+    """The worker's counters, histogram and gauges, on a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.received = Counter("amqtask_tasks_received", "Deliveries taken", ["task"], registry=r)
+        self.succeeded = Counter(
+            "amqtask_tasks_succeeded", "Tasks whose handler returned", ["task"], registry=r
+        )
+        self.failed = Counter(
+            "amqtask_tasks_failed", "Handler runs that raised (each attempt)", ["task"], registry=r
+        )
+        self.retried = Counter(
+            "amqtask_tasks_retried",
+            "Retries scheduled through the delay levels",
+            ["task"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "amqtask_tasks_dead_lettered",
+            "Messages sent to a dead-letter queue",
+            ["task", "reason"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "amqtask_task_duration_seconds",
+            "Handler duration",
+            ["task"],
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.in_flight = Gauge("amqtask_tasks_in_flight", "Handlers running now", registry=r)
+        self.prefetch = Gauge(
+            "amqtask_prefetch", "Unacked deliveries allowed per queue", registry=r
+        )
+        self.connected = Gauge(
+            "amqtask_broker_connected", "1 while the broker connection is up", registry=r
+        )
+        self._lost_since: float | None = None
+
+    def outcome(self, outcome: str, task: str | None, seconds: float, reason: str | None) -> None:
+        """Record one delivery's end, as the worker logs it."""
+        label = task or "unknown"
+        if outcome == "succeeded":
+            self.succeeded.labels(label).inc()
+            self.duration.labels(label).observe(seconds)
+        elif outcome == "retried":
+            self.failed.labels(label).inc()
+            self.retried.labels(label).inc()
+            self.duration.labels(label).observe(seconds)
+        elif outcome == "failed":
+            self.failed.labels(label).inc()
+            self.dead_lettered.labels(label, reason or "handler_error").inc()
+            self.duration.labels(label).observe(seconds)
+        elif outcome == "rejected":
+            self.dead_lettered.labels(label, reason or "rejected").inc()
+
+    def set_connected(self, up: bool) -> None:
+        self.connected.set(1 if up else 0)
+        if up:
+            self._lost_since = None
+        elif self._lost_since is None:
+            self._lost_since = time.monotonic()
+
+    def healthy(self, grace: float = DEFAULT_HEALTH_GRACE) -> bool:
+        lost = self._lost_since
+        return lost is None or time.monotonic() - lost < grace
+
+
+class MetricsServer:
+    """Serves /metrics and /health for `metrics` on 127.0.0.1 or another host."""
+
+    def __init__(
+        self,
+        metrics: WorkerMetrics,
+        port: int,
+        host: str = "0.0.0.0",
+        health_grace: float = DEFAULT_HEALTH_GRACE,
+    ) -> None:
+        handler = _handler(metrics, health_grace)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="amqtask-metrics", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler(metrics: WorkerMetrics, grace: float) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] == "/metrics":
+                self._reply(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
+            elif self.path.split("?")[0] == "/health":
+                ok = metrics.healthy(grace)
+                self._reply(200 if ok else 503, "text/plain", b"ok\n" if ok else b"broker lost\n")
+            else:
+                self._reply(404, "text/plain", b"try /metrics or /health\n")
+
+        def _reply(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # scrapes are not worth a log line each
+
+    return Handler

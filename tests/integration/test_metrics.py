@@ -1,0 +1,111 @@
+"""Worker metrics and health endpoint, against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel
+
+import amqtask
+from amqtask._metrics import MetricsServer, WorkerMetrics
+from amqtask._transport import AioPikaTransport
+
+from .conftest import AppFactory, wait_for
+from .proxy import CuttableProxy
+
+
+class Job(BaseModel):
+    n: int
+
+
+def fetch(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def sample(text: str, name: str) -> float:
+    """The value of one sample line (`name` includes its labels) of a Prometheus scrape."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_metrics_move_as_tasks_run_and_health_follows_the_connection(
+    make_app: AppFactory, broker_url: str, unique: str
+) -> None:
+    target = urlsplit(broker_url)
+    proxy = CuttableProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    proxied = broker_url.replace(
+        target.netloc, f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
+    )
+    job = amqtask.contract(f"{unique}.job", Job, retry=amqtask.Retry(attempts=2, initial=1.0))
+    app = make_app([job], transport=AioPikaTransport(proxied + "?reconnect_interval=1"))
+    release = asyncio.Event()
+
+    @app.handler(job)
+    async def handle(task: Job) -> None:
+        if task.n == 0:
+            await release.wait()
+        if task.n == 9:
+            raise RuntimeError("always fails")
+
+    await app.declare()
+    metrics = WorkerMetrics()
+    server = MetricsServer(metrics, 0, host="127.0.0.1", health_grace=1.0)
+    server.start()
+    worker = amqtask.Worker(app, amqtask.WorkerSettings(concurrency=4), metrics=metrics)
+    await worker.start()
+    task = f'{{task="{job.name}"}}'
+    try:
+        async with make_app([job]) as producer:
+            for n in (0, 1, 2, 9):
+                await producer.send(job, Job(n=n))
+
+        async def scrape() -> str:
+            return (await asyncio.to_thread(fetch, server.port, "/metrics"))[1]
+
+        await wait_for(lambda: sample_of(scrape, f"amqtask_tasks_succeeded_total{task}", 2))
+        await wait_for(lambda: sample_of(scrape, f"amqtask_tasks_retried_total{task}", 1))
+        text = await scrape()
+        assert sample(text, "amqtask_tasks_in_flight") == 1  # n=0 is held
+        assert sample(text, "amqtask_prefetch") == 4
+        assert sample(text, "amqtask_broker_connected") == 1
+        release.set()
+        # n=9 fails, is retried once (1 s later), fails again and is dead-lettered.
+        dead = f'amqtask_tasks_dead_lettered_total{{reason="handler_error",task="{job.name}"}}'
+        await wait_for(lambda: sample_of(scrape, dead, 1), timeout=15)
+        text = await scrape()
+        assert sample(text, f"amqtask_tasks_received_total{task}") == 5
+        assert sample(text, f"amqtask_tasks_succeeded_total{task}") == 3
+        assert sample(text, f"amqtask_tasks_failed_total{task}") == 2
+        assert sample(text, f"amqtask_tasks_retried_total{task}") == 1
+        assert sample(text, f"amqtask_task_duration_seconds_count{task}") == 5
+        assert sample(text, "amqtask_tasks_in_flight") == 0
+
+        status, body = await asyncio.to_thread(fetch, server.port, "/health")
+        assert (status, body) == (200, "ok\n")
+        await proxy.close()  # the broker is gone for good: reconnects keep failing
+        await wait_for(lambda: health_is(server.port, 503), timeout=15)
+        text = await scrape()
+        assert sample(text, "amqtask_broker_connected") == 0
+    finally:
+        release.set()
+        await worker.stop()
+        server.stop()
+
+
+async def sample_of(scrape: object, name: str, expected: float) -> bool:
+    text = await scrape()  # type: ignore[operator]
+    return sample(text, name) == expected
+
+
+async def health_is(port: int, expected: int) -> bool:
+    return (await asyncio.to_thread(fetch, port, "/health"))[0] == expected
