@@ -10,8 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -20,6 +26,7 @@ from aio_pika.abc import AbstractConnection
 
 import amqtask
 
+ROOT = Path(__file__).resolve().parents[2]
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 HOW_TO_GET_A_BROKER = (
     "no RabbitMQ broker for the integration tests. Either set AMQTASK_TEST_URL "
@@ -126,6 +133,11 @@ async def queue_depth(connection: AbstractConnection, name: str) -> int:
         return queue.declaration_result.message_count or 0
 
 
+async def depth_is(connection: AbstractConnection, queue: str, expected: int) -> bool:
+    """Whether `queue` holds `expected` ready messages: a predicate for `wait_for`."""
+    return await queue_depth(connection, queue) == expected
+
+
 async def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.05) -> None:
     """Poll an async or sync predicate until it is true; fail with its last value otherwise."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -138,6 +150,123 @@ async def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.05
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"condition not met within {timeout} s: {predicate}")
         await asyncio.sleep(interval)
+
+
+# --- a worker in this process -------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running(app: amqtask.App, **settings: Any) -> AsyncIterator[amqtask.Worker]:
+    """A started `Worker` on `app` with `WorkerSettings(**settings)`, stopped on exit."""
+    worker = amqtask.Worker(app, amqtask.WorkerSettings(**settings))
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+
+
+async def dead_letters(amqp: AbstractConnection, queue: str, count: int) -> list[Any]:
+    """Take `count` messages off `queue`'s dead-letter queue (failing if fewer arrive)."""
+    taken = []
+    async with amqp.channel() as channel:
+        dlq = await channel.declare_queue(f"{queue}.dead", passive=True)
+        for _ in range(count):
+            message = None
+            for _ in range(100):
+                message = await dlq.get(fail=False)
+                if message is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert message is not None, f"only {len(taken)} of {count} dead letters arrived"
+            await message.ack()
+            taken.append(message)
+    return taken
+
+
+# --- worker processes on the apps in tests/integration/apps/ ------------------------------------
+
+
+def app_env(
+    broker_url: str, unique: str, record: Path | None = None, **extra: str
+) -> dict[str, str]:
+    """This environment plus what the apps in `apps/` read: the test's names, broker, record file
+    and any further `TEST_*` settings (`TEST_SLEEP="30"`)."""
+    env = {**os.environ, "TEST_UNIQUE": unique, "TEST_BROKER_URL": broker_url}
+    if record is not None:
+        env["TEST_RECORD_FILE"] = str(record)
+    return {**env, **extra}
+
+
+async def start_worker(
+    target: str, *args: str, env: dict[str, str], **streams: Any
+) -> asyncio.subprocess.Process:
+    """`python -m amqtask worker TARGET --json-logs ARGS` from the project root; `streams` are
+    passed on (`stderr=asyncio.subprocess.PIPE`)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "amqtask",
+        "worker",
+        target,
+        "--json-logs",
+        *args,
+        cwd=ROOT,
+        env=env,
+        **streams,
+    )
+
+
+def records(path: Path) -> tuple[Counter[int], Counter[int]]:
+    """How often each task started and finished, from an app's record file."""
+    started: Counter[int] = Counter()
+    done: Counter[int] = Counter()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            what, n = line.split()
+            (started if what == "start" else done)[int(n)] += 1
+    return started, done
+
+
+# --- the command line on an app module written for the test ------------------------------------
+
+
+def write_app_module(tmp_path: Path, broker_url: str, unique: str, **contracts: str) -> str:
+    """Write an app module into `tmp_path` and return its `module:app` target.
+
+    The module defines `Job(n: int)`, each of `contracts` as `name = source`, and `app` on all
+    of them, e.g. `job=f'amqtask.contract("{unique}.job", Job)'`.
+    """
+    module = f"app_{unique}"
+    lines = [f"{name} = {source}" for name, source in contracts.items()]
+    app = f'app = amqtask.App("{broker_url}", [{", ".join(contracts)}], namespace="{unique}")'
+    (tmp_path / f"{module}.py").write_text(
+        textwrap.dedent(
+            """
+            from pydantic import BaseModel
+            import amqtask
+
+            class Job(BaseModel):
+                n: int
+
+            """
+        )
+        + "\n".join([*lines, app, ""])
+    )
+    return f"{module}:app"
+
+
+def run_amqtask(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m amqtask ARGS` to completion, in `tmp_path` and importing app modules from it."""
+    return subprocess.run(
+        [sys.executable, "-m", "amqtask", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        check=False,
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

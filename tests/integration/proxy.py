@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit
 
 
 class CuttableProxy:
@@ -54,3 +55,17 @@ class CuttableProxy:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
+
+
+async def start_proxy(broker_url: str) -> tuple[CuttableProxy, str]:
+    """A started proxy to the broker of `broker_url`, and that URL leading through the proxy.
+
+    The caller closes the proxy (`await proxy.close()`).
+    """
+    target = urlsplit(broker_url)
+    proxy = CuttableProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    proxied_url = broker_url.replace(
+        target.netloc, f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
+    )
+    return proxy, proxied_url

@@ -7,16 +7,14 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import orjson
 import pytest
 from aio_pika.abc import AbstractConnection
 
 from .apps.rpc_app import build
-from .conftest import AppFactory, queue_depth, wait_for
+from .conftest import ROOT, AppFactory, app_env, depth_is, queue_depth, start_worker, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.integration.apps.rpc_app:app"
 
 
@@ -44,7 +42,7 @@ async def consumers(amqp: AbstractConnection, queue: str) -> int:
 
 @pytest.fixture
 def env(broker_url: str, unique: str) -> dict[str, str]:
-    return {**os.environ, "TEST_UNIQUE": unique, "TEST_BROKER_URL": broker_url}
+    return app_env(broker_url, unique)
 
 
 @pytest.fixture
@@ -59,18 +57,8 @@ async def worker(
     app = make_app(list(build(unique, broker_url).contracts))
     await app.declare()
     queues = [contract.queue for contract in app.contracts]
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "amqtask",
-        "worker",
-        APP,
-        "--json-logs",
-        "--shutdown-timeout",
-        "2",
-        cwd=ROOT,
-        env=env,
-        stderr=asyncio.subprocess.DEVNULL,
+    process = await start_worker(
+        APP, "--shutdown-timeout", "2", env=env, stderr=asyncio.subprocess.DEVNULL
     )
     try:
         for queue in queues:
@@ -154,7 +142,7 @@ async def test_send_prints_the_message_id_and_the_worker_runs_it(
     message_id = stdout.strip()
     assert len(message_id) == 32
     int(message_id, 16)
-    await wait_for(lambda: _depth_is(amqp, f"{unique}.double", 0))
+    await wait_for(lambda: depth_is(amqp, f"{unique}.double", 0))
 
 
 async def test_send_exits_1_when_the_topology_is_missing(env: dict[str, str], unique: str) -> None:
@@ -169,7 +157,3 @@ async def test_the_help_of_call_and_send_shows_an_example() -> None:
         code, stdout, _ = await amqtask_cli(dict(os.environ), command, "--help")
         assert code == 0
         assert f"amqtask {command} examples.app:app" in stdout
-
-
-async def _depth_is(amqp: AbstractConnection, queue: str, expected: int) -> bool:
-    return await queue_depth(amqp, queue) == expected

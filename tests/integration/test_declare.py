@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ from pydantic import BaseModel
 import amqtask
 from amqtask.topology import State
 
-from .conftest import AppFactory, delete_topology
+from .conftest import AppFactory, delete_topology, run_amqtask, write_app_module
 
 
 class Job(BaseModel):
@@ -91,33 +88,16 @@ async def test_conflicting_exchange_type_is_reported(
 
 
 def _write_app_module(tmp_path: Path, broker_url: str, unique: str, max_length: int) -> str:
-    (tmp_path / f"app_{unique}.py").write_text(
-        textwrap.dedent(
-            f"""
-            from pydantic import BaseModel
-            import amqtask
-
-            class Job(BaseModel):
-                n: int
-
-            job = amqtask.contract("{unique}.job", Job, max_length={max_length})
-            app = amqtask.App("{broker_url}", [job], namespace="{unique}")
-            """
-        )
+    return write_app_module(
+        tmp_path,
+        broker_url,
+        unique,
+        job=f'amqtask.contract("{unique}.job", Job, max_length={max_length})',
     )
-    return f"app_{unique}:app"
 
 
 def _declare(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "amqtask", "declare", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        check=False,
-    )
+    return run_amqtask(tmp_path, "declare", *args)
 
 
 async def test_declare_command_is_idempotent_and_prints_json(

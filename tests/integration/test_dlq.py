@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 from aio_pika.abc import AbstractConnection
@@ -14,8 +11,15 @@ from pydantic import BaseModel
 
 import amqtask
 
-from .conftest import AppFactory, queue_depth, wait_for
-from .test_worker import running
+from .conftest import (
+    AppFactory,
+    depth_is,
+    queue_depth,
+    run_amqtask,
+    running,
+    wait_for,
+    write_app_module,
+)
 
 
 class Job(BaseModel):
@@ -23,15 +27,7 @@ class Job(BaseModel):
 
 
 def dlq(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "amqtask", "dlq", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        check=False,
-    )
+    return run_amqtask(tmp_path, "dlq", *args)
 
 
 async def test_dead_letters_can_be_listed_replayed_by_id_and_purged(
@@ -51,23 +47,14 @@ async def test_dead_letters_can_be_listed_replayed_by_id_and_purged(
         ids = [await producer.send(job, Job(n=n)) for n in range(3)]
     async with running(app):
         await wait_for(lambda: len(failed) == 3)
-    await wait_for(lambda: _depth(amqp, f"{job.queue}.dead", 3))
+    await wait_for(lambda: depth_is(amqp, f"{job.queue}.dead", 3))
 
-    (tmp_path / f"dlqapp_{unique}.py").write_text(
-        textwrap.dedent(
-            f"""
-            from pydantic import BaseModel
-            import amqtask
-
-            class Job(BaseModel):
-                n: int
-
-            job = amqtask.contract("{unique}.job", Job, retry=amqtask.Retry(attempts=1))
-            app = amqtask.App("{broker_url}", [job], namespace="{unique}")
-            """
-        )
+    target = write_app_module(
+        tmp_path,
+        broker_url,
+        unique,
+        job=f'amqtask.contract("{unique}.job", Job, retry=amqtask.Retry(attempts=1))',
     )
-    target = f"dlqapp_{unique}:app"
 
     listed = dlq(tmp_path, "list", target, job.name, "--json")
     assert listed.returncode == 0, listed.stderr
@@ -112,7 +99,3 @@ async def test_dead_letters_can_be_listed_replayed_by_id_and_purged(
     assert purged.returncode == 0, purged.stderr
     assert f"purged 2 message(s) from {job.queue}.dead" in purged.stdout
     assert await queue_depth(amqp, f"{job.queue}.dead") == 0
-
-
-async def _depth(amqp: AbstractConnection, queue: str, expected: int) -> bool:
-    return await queue_depth(amqp, queue) == expected

@@ -6,13 +6,10 @@ import asyncio
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from examples.app import app
 
-from .conftest import delete_topology
-
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import ROOT, delete_topology
 
 
 def test_the_example_services_process_every_task_and_dead_letter_the_failure(

@@ -9,10 +9,8 @@ proxy whose connections we cut, never stopped.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,7 +18,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -31,12 +28,20 @@ from pydantic import BaseModel
 import amqtask
 from amqtask._transport import AioPikaTransport
 
-from .conftest import AppFactory, queue_depth, wait_for
+from .conftest import (
+    AppFactory,
+    app_env,
+    dead_letters,
+    depth_is,
+    queue_depth,
+    records,
+    running,
+    start_worker,
+    wait_for,
+)
 from .private_node import _CTL, _RABBITMQ_BIN, QUORUM_REGISTRATION_SETTLE, PrivateNode
-from .proxy import CuttableProxy
-from .test_worker import dead_letters, running
+from .proxy import start_proxy
 
-ROOT = Path(__file__).resolve().parents[2]
 FAULT_APP = "tests.integration.apps.fault_app:app"
 # The robust connection retries every 5 s by default; once a second keeps these tests short.
 FAST_RECONNECT = "?reconnect_interval=1"
@@ -60,17 +65,6 @@ def report(test: str, **counts: Any) -> None:
 # --- worker processes -------------------------------------------------------------------------
 
 
-def records(path: Path) -> tuple[Counter[int], Counter[int]]:
-    """How often each task started and finished, from fault_app's record file."""
-    started: Counter[int] = Counter()
-    done: Counter[int] = Counter()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            what, n = line.split()
-            (started if what == "start" else done)[int(n)] += 1
-    return started, done
-
-
 @dataclass
 class WorkerProcesses:
     """Starts `amqtask worker` subprocesses on fault_app; kills whatever is left at the end."""
@@ -83,15 +77,9 @@ class WorkerProcesses:
     async def start(self, *args: str) -> asyncio.subprocess.Process:
         if self._log_file is None:
             self._log_file = self.log.open("ab")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "amqtask",
-            "worker",
+        proc = await start_worker(
             FAULT_APP,
-            "--json-logs",
             *args,
-            cwd=ROOT,
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
@@ -127,13 +115,7 @@ async def worker_processes(
     tmp_path: Path, broker_url: str, unique: str, **env: str
 ) -> AsyncIterator[WorkerProcesses]:
     workers = WorkerProcesses(
-        env={
-            **os.environ,
-            "TEST_UNIQUE": unique,
-            "TEST_BROKER_URL": broker_url,
-            "TEST_RECORD_FILE": str(tmp_path / "record.txt"),
-            **env,
-        },
+        env=app_env(broker_url, unique, tmp_path / "record.txt", **env),
         log=tmp_path / "workers.log",
     )
     try:
@@ -337,7 +319,7 @@ async def test_confirmed_sends_survive_a_broker_kill_and_restart(
     )
     connection = await aio_pika.connect(node.url)
     async with connection:
-        await wait_for(lambda: _depth_is(connection, contract.queue, 0))
+        await wait_for(lambda: depth_is(connection, contract.queue, 0))
         dead = await queue_depth(connection, f"{contract.queue}.dead")
 
     ledger.report("kill -9 broker", 300, dead)
@@ -350,16 +332,9 @@ async def test_confirmed_sends_survive_a_broker_kill_and_restart(
 async def test_confirmed_sends_survive_a_cut_connection(
     make_app: AppFactory, amqp: AbstractConnection, broker_url: str, unique: str
 ) -> None:
-    target = urlsplit(broker_url)
-    proxy = CuttableProxy(target.hostname or "127.0.0.1", target.port or 5672)
-    await proxy.start()
+    proxy, through_proxy = await start_proxy(broker_url)
     try:
-        proxied_url = (
-            broker_url.replace(
-                target.netloc, f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
-            ).split("?")[0]
-            + FAST_RECONNECT
-        )
+        proxied_url = through_proxy.split("?")[0] + FAST_RECONNECT
         contract = attempt_contract(unique)
         await make_app([contract]).declare()  # directly: cleaned up by make_app
         producer = make_app([contract], transport=AioPikaTransport(proxied_url, name="producer"))
@@ -371,7 +346,7 @@ async def test_confirmed_sends_survive_a_cut_connection(
         ledger = await produce_and_consume_through_a_fault(producer, worker_app, contract, cut)
     finally:
         await proxy.close()
-    await wait_for(lambda: _depth_is(amqp, contract.queue, 0))
+    await wait_for(lambda: depth_is(amqp, contract.queue, 0))
     dead = await queue_depth(amqp, f"{contract.queue}.dead")
 
     ledger.report("tcp cut", 300, dead)
@@ -379,10 +354,6 @@ async def test_confirmed_sends_survive_a_cut_connection(
     assert {n for n, _ in ledger.confirmed} == set(range(300))
     assert ledger.failed_sends, "the cut interrupted no send: it did not land mid-way"
     assert dead == 0
-
-
-async def _depth_is(connection: AbstractConnection, queue: str, expected: int) -> bool:
-    return await queue_depth(connection, queue) == expected
 
 
 # --- 4. a poison message that kills every worker that takes it ----------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
@@ -14,7 +13,7 @@ from amqtask._metrics import MetricsServer, WorkerMetrics
 from amqtask._transport import AioPikaTransport
 
 from .conftest import AppFactory, wait_for
-from .proxy import CuttableProxy
+from .proxy import start_proxy
 
 
 class Job(BaseModel):
@@ -40,12 +39,7 @@ def sample(text: str, name: str) -> float:
 async def test_metrics_move_as_tasks_run_and_health_follows_the_connection(
     make_app: AppFactory, broker_url: str, unique: str
 ) -> None:
-    target = urlsplit(broker_url)
-    proxy = CuttableProxy(target.hostname or "127.0.0.1", target.port or 5672)
-    await proxy.start()
-    proxied = broker_url.replace(
-        target.netloc, f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
-    )
+    proxy, proxied = await start_proxy(broker_url)
     job = amqtask.contract(f"{unique}.job", Job, retry=amqtask.Retry(attempts=2, initial=1.0))
     app = make_app([job], transport=AioPikaTransport(proxied + "?reconnect_interval=1"))
     release = asyncio.Event()

@@ -13,8 +13,7 @@ from pydantic import BaseModel
 
 import amqtask
 
-from .conftest import AppFactory, queue_depth, wait_for
-from .test_worker import dead_letters, running
+from .conftest import AppFactory, dead_letters, queue_depth, running, wait_for
 
 
 class Job(BaseModel):

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pydantic
 import pytest
@@ -23,10 +18,8 @@ from pydantic import BaseModel
 import amqtask
 from amqtask._transport import AioPikaTransport
 
-from .conftest import AppFactory, queue_depth, wait_for
-from .proxy import CuttableProxy
-
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import AppFactory, app_env, depth_is, queue_depth, running, start_worker, wait_for
+from .proxy import start_proxy
 
 
 class Job(BaseModel):  # the same shape as tests/integration/apps/slow_app.py's
@@ -40,16 +33,6 @@ class Doubled(BaseModel):
 class Tripled(BaseModel):
     m: int
     factor: int
-
-
-@asynccontextmanager
-async def running(app: amqtask.App, **settings: Any) -> AsyncIterator[amqtask.Worker]:
-    worker = amqtask.Worker(app, amqtask.WorkerSettings(**settings))
-    await worker.start()
-    try:
-        yield worker
-    finally:
-        await worker.stop()
 
 
 async def serving(
@@ -357,26 +340,12 @@ async def test_a_call_whose_worker_is_killed_times_out_without_hanging(
     make_app: AppFactory, amqp: AbstractConnection, broker_url: str, unique: str, tmp_path: Path
 ) -> None:
     record = tmp_path / "record.txt"
-    env = {
-        **os.environ,
-        "TEST_UNIQUE": unique,
-        "TEST_BROKER_URL": broker_url,
-        "TEST_RECORD_FILE": str(record),
-        "TEST_SLEEP": "30",
-    }
+    env = app_env(broker_url, unique, record, TEST_SLEEP="30")
     job = amqtask.contract(f"{unique}.job", Job)  # slow_app's contract
     caller = make_app([job])
     await caller.declare()
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "amqtask",
-        "worker",
-        "tests.integration.apps.slow_app:app",
-        "--json-logs",
-        cwd=ROOT,
-        env=env,
-        stderr=asyncio.subprocess.DEVNULL,
+    worker = await start_worker(
+        "tests.integration.apps.slow_app:app", env=env, stderr=asyncio.subprocess.DEVNULL
     )
     try:
         async with caller:
@@ -393,19 +362,14 @@ async def test_a_call_whose_worker_is_killed_times_out_without_hanging(
         await worker.wait()
 
     # The request went back to the queue when its worker died, and expired there.
-    await wait_for(lambda: _depth_is(amqp, job.queue, 0))
+    await wait_for(lambda: depth_is(amqp, job.queue, 0))
     assert "done 1" not in record.read_text()
 
 
 async def test_a_lost_connection_fails_every_call_in_flight_and_later_calls_work(
     make_app: AppFactory, amqp: AbstractConnection, broker_url: str, unique: str
 ) -> None:
-    target = urlsplit(broker_url)
-    proxy = CuttableProxy(target.hostname or "127.0.0.1", target.port or 5672)
-    await proxy.start()
-    proxied_url = broker_url.replace(
-        target.netloc, f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
-    )
+    proxy, proxied_url = await start_proxy(broker_url)
     double = amqtask.contract(f"{unique}.double", Job, returns=Doubled)
     worker_app = make_app([double])
     await worker_app.declare()
@@ -469,7 +433,3 @@ async def test_call_outside_the_context_manager_raises_not_connected(
     app = make_app([double])
     with pytest.raises(amqtask.NotConnected):
         await app.call(double, Job(n=1), timeout=1)
-
-
-async def _depth_is(amqp: AbstractConnection, queue: str, expected: int) -> bool:
-    return await queue_depth(amqp, queue) == expected

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
-from collections import Counter
 from pathlib import Path
 
 from aio_pika.abc import AbstractConnection
@@ -14,58 +11,40 @@ from pydantic import BaseModel
 
 import amqtask
 
-from .conftest import AppFactory, queue_depth, wait_for
+from .conftest import (
+    AppFactory,
+    app_env,
+    depth_is,
+    queue_depth,
+    records,
+    start_worker,
+    wait_for,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
+SLOW_APP = "tests.integration.apps.slow_app:app"
 
 
 class Job(BaseModel):  # the same shape as tests/integration/apps/slow_app.py's
     n: int
 
 
-def records(path: Path) -> tuple[Counter[int], Counter[int]]:
-    started: Counter[int] = Counter()
-    done: Counter[int] = Counter()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            what, n = line.split()
-            (started if what == "start" else done)[int(n)] += 1
-    return started, done
-
-
-async def start_worker(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "amqtask",
-        "worker",
-        "tests.integration.apps.slow_app:app",
-        "--json-logs",
-        *args,
-        cwd=ROOT,
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-    )
+async def start_slow_worker(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
+    """A worker process on slow_app, its stderr kept for the test to read."""
+    return await start_worker(SLOW_APP, *args, env=env, stderr=asyncio.subprocess.PIPE)
 
 
 async def test_sigterm_lets_running_tasks_finish_and_leaves_the_rest_for_redelivery(
     make_app: AppFactory, amqp: AbstractConnection, broker_url: str, unique: str, tmp_path: Path
 ) -> None:
     record = tmp_path / "record.txt"
-    env = {
-        **os.environ,
-        "TEST_UNIQUE": unique,
-        "TEST_BROKER_URL": broker_url,
-        "TEST_RECORD_FILE": str(record),
-        "TEST_SLEEP": "1.0",
-    }
+    env = app_env(broker_url, unique, record, TEST_SLEEP="1.0")
     job = amqtask.contract(f"{unique}.job", Job)
     producer = make_app([job])
     await producer.declare()
     async with producer:
         await asyncio.gather(*(producer.send(job, {"n": n}) for n in range(12)))
 
-    worker = await start_worker(env, "--concurrency", "3", "--shutdown-timeout", "20")
+    worker = await start_slow_worker(env, "--concurrency", "3", "--shutdown-timeout", "20")
     await wait_for(lambda: sum(records(record)[0].values()) >= 3)
     worker.send_signal(signal.SIGTERM)
     _, stderr = await asyncio.wait_for(worker.communicate(), 30)
@@ -78,7 +57,7 @@ async def test_sigterm_lets_running_tasks_finish_and_leaves_the_rest_for_redeliv
     # ...and was acked: only the never-started ones are back in the queue.
     assert await queue_depth(amqp, job.queue) == 12 - sum(done.values())
 
-    second = await start_worker(env, "--concurrency", "6")
+    second = await start_slow_worker(env, "--concurrency", "6")
     await wait_for(lambda: set(records(record)[1]) == set(range(12)), timeout=30)
     second.send_signal(signal.SIGTERM)
     await asyncio.wait_for(second.communicate(), 30)
@@ -92,20 +71,14 @@ async def test_tasks_cut_off_by_the_shutdown_timeout_are_redelivered(
     make_app: AppFactory, amqp: AbstractConnection, broker_url: str, unique: str, tmp_path: Path
 ) -> None:
     record = tmp_path / "record.txt"
-    env = {
-        **os.environ,
-        "TEST_UNIQUE": unique,
-        "TEST_BROKER_URL": broker_url,
-        "TEST_RECORD_FILE": str(record),
-        "TEST_SLEEP": "30",
-    }
+    env = app_env(broker_url, unique, record, TEST_SLEEP="30")
     job = amqtask.contract(f"{unique}.job", Job)
     producer = make_app([job])
     await producer.declare()
     async with producer:
         await asyncio.gather(*(producer.send(job, {"n": n}) for n in range(4)))
 
-    worker = await start_worker(env, "--concurrency", "2", "--shutdown-timeout", "0.5")
+    worker = await start_slow_worker(env, "--concurrency", "2", "--shutdown-timeout", "0.5")
     await wait_for(lambda: sum(records(record)[0].values()) == 2)
     worker.send_signal(signal.SIGTERM)
     _, stderr = await asyncio.wait_for(worker.communicate(), 30)
@@ -115,8 +88,4 @@ async def test_tasks_cut_off_by_the_shutdown_timeout_are_redelivered(
     assert b"worker_abandoned_tasks" in stderr
     assert sum(done.values()) == 0
     # The two unfinished tasks and the two never started are all back, none lost.
-    await wait_for(lambda: _depth_is(amqp, job.queue, 4))
-
-
-async def _depth_is(amqp: AbstractConnection, queue: str, expected: int) -> bool:
-    return await queue_depth(amqp, queue) == expected
+    await wait_for(lambda: depth_is(amqp, job.queue, 4))

@@ -4,11 +4,8 @@ private node with the `rabbitmq_management` plugin (never enabled on the shared 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,14 @@ from pydantic import BaseModel
 import amqtask
 from amqtask import _status
 
-from .conftest import AppFactory, delete_topology, queue_depth, wait_for
+from .conftest import (
+    AppFactory,
+    delete_topology,
+    depth_is,
+    run_amqtask,
+    wait_for,
+    write_app_module,
+)
 from .private_node import PrivateNode, _free_port
 
 
@@ -31,34 +35,17 @@ class Job(BaseModel):
 
 def write_app(tmp_path: Path, url: str, unique: str) -> str:
     """An app module with the test's task and a second one whose queue was never declared."""
-    (tmp_path / f"statusapp_{unique}.py").write_text(
-        textwrap.dedent(
-            f"""
-            from pydantic import BaseModel
-            import amqtask
-
-            class Job(BaseModel):
-                n: int
-
-            job = amqtask.contract("{unique}.job", Job)
-            ghost = amqtask.contract("{unique}.ghost", Job)
-            app = amqtask.App("{url}", [job, ghost], namespace="{unique}")
-            """
-        )
+    return write_app_module(
+        tmp_path,
+        url,
+        unique,
+        job=f'amqtask.contract("{unique}.job", Job)',
+        ghost=f'amqtask.contract("{unique}.ghost", Job)',
     )
-    return f"statusapp_{unique}:app"
 
 
 def status(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "amqtask", "status", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        check=False,
-    )
+    return run_amqtask(tmp_path, "status", *args)
 
 
 def samples(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
@@ -87,12 +74,8 @@ async def put_known_numbers(
                 aio_pika.Message(b'{"n": -1}', message_id=f"dead-{n}"),
                 routing_key=f"{job.queue}.dead",
             )
-    await wait_for(lambda: _depth(amqp, job.queue, 3))
-    await wait_for(lambda: _depth(amqp, f"{job.queue}.dead", 2))
-
-
-async def _depth(amqp: AbstractConnection, queue: str, expected: int) -> bool:
-    return await queue_depth(amqp, queue) == expected
+    await wait_for(lambda: depth_is(amqp, job.queue, 3))
+    await wait_for(lambda: depth_is(amqp, f"{job.queue}.dead", 2))
 
 
 async def hold_one_unacked(

@@ -10,8 +10,7 @@ from pydantic import BaseModel
 
 import amqtask
 
-from .conftest import AppFactory, wait_for
-from .test_worker import running
+from .conftest import AppFactory, running, wait_for
 
 
 class Job(BaseModel):

@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -19,40 +15,12 @@ from pydantic import BaseModel
 import amqtask
 from amqtask._transport import AioPikaTransport
 
-from .conftest import AppFactory, queue_depth, wait_for
-from .proxy import CuttableProxy
+from .conftest import AppFactory, dead_letters, queue_depth, running, wait_for
+from .proxy import start_proxy
 
 
 class Job(BaseModel):
     n: int
-
-
-@asynccontextmanager
-async def running(app: amqtask.App, **settings: Any) -> AsyncIterator[amqtask.Worker]:
-    worker = amqtask.Worker(app, amqtask.WorkerSettings(**settings))
-    await worker.start()
-    try:
-        yield worker
-    finally:
-        await worker.stop()
-
-
-async def dead_letters(amqp: AbstractConnection, queue: str, count: int) -> list[Any]:
-    """Take `count` messages off `queue`'s dead-letter queue (failing if fewer arrive)."""
-    taken = []
-    async with amqp.channel() as channel:
-        dlq = await channel.declare_queue(f"{queue}.dead", passive=True)
-        for _ in range(count):
-            message = None
-            for _ in range(100):
-                message = await dlq.get(fail=False)
-                if message is not None:
-                    break
-                await asyncio.sleep(0.05)
-            assert message is not None, f"only {len(taken)} of {count} dead letters arrived"
-            await message.ack()
-            taken.append(message)
-    return taken
 
 
 async def test_every_sent_task_is_processed_exactly_once_and_acked(
@@ -199,12 +167,7 @@ async def test_the_worker_refuses_to_start_before_declare(
 async def test_after_a_connection_cut_the_lost_ack_is_logged_and_consuming_resumes(
     make_app: AppFactory, broker_url: str, amqp: AbstractConnection, unique: str
 ) -> None:
-    target = urlsplit(broker_url)
-    proxy = CuttableProxy(target.hostname or "127.0.0.1", target.port or 5672)
-    await proxy.start()
-    proxied_url = broker_url.replace(
-        target.netloc, f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
-    )
+    proxy, proxied_url = await start_proxy(broker_url)
     job = amqtask.contract(f"{unique}.job", Job)
     app = make_app([job], transport=AioPikaTransport(proxied_url))
     release = asyncio.Event()
