@@ -16,8 +16,8 @@ example: $(VENV)/.installed
 	$(PY) -m examples.demo
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check amqtask examples tests
-	$(VENV)/bin/ruff format --check amqtask examples tests
+	$(VENV)/bin/ruff check amqtask examples tests bench
+	$(VENV)/bin/ruff format --check amqtask examples tests bench
 	$(VENV)/bin/mypy
 
 test: lint

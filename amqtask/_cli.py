@@ -20,10 +20,11 @@ import click
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from amqtask import _asyncapi, _codec, _dead_letters, _evolution, _logging, _status
+from amqtask import _asyncapi, _codec, _dead_letters, _evolution, _logging, _status, _supervisor
 from amqtask._app import App
 from amqtask._contract import Contract
 from amqtask._exceptions import AmqtaskError, ContractError, RemoteError, TopologyConflict
+from amqtask._metrics import MetricsServer, WorkerMetrics
 from amqtask._worker import Worker, WorkerSettings
 
 T = TypeVar("T")
@@ -147,12 +148,36 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
     default=None,
     help="Log format [default: JSON unless stderr is a terminal].",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus /metrics and /health on this port (process i of --processes: +i).",
+)
+@click.option(
+    "--processes",
+    "-p",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Worker processes under one supervisor, each with these settings.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Lowest level logged; warning drops the task_succeeded line of every task.",
+)
 def worker(
     app_path: str,
     concurrency: int,
     prefetch: int | None,
     shutdown_timeout: float,
     json_logs: bool | None,
+    metrics_port: int | None,
+    processes: int,
+    log_level: str,
 ) -> None:
     """Consume and run the tasks APP has handlers for.
 
@@ -160,22 +185,71 @@ def worker(
     validated, or whose handler raised, goes to the dead-letter queue with the reason in its
     headers. SIGTERM or SIGINT stops consuming and lets running handlers finish.
 
+    With --processes N, a supervisor runs N worker processes, replaces one that dies, and
+    forwards SIGTERM/SIGINT to all of them; it exits 1 if one fails to start.
+
     \b
     Example:
       amqtask worker examples.app:app --concurrency 20
+      amqtask worker examples.app:app --processes 4 --metrics-port 9100
     """
-    _logging.configure(json=json_logs)
+    _logging.configure(getattr(logging, log_level.upper()), json=json_logs)
     app = load_app(app_path)
     settings = WorkerSettings(concurrency, prefetch, shutdown_timeout)
+    if processes > 1:
+        child = [sys.executable, "-m", "amqtask", "worker", app_path, *_worker_options()]
+        supervisor = _supervisor.Supervisor(child, processes, shutdown_timeout)
+        sys.exit(asyncio.run(supervisor.run()))
 
     async def work() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await Worker(app, settings).run(stop)
+        metrics = server = None
+        if metrics_port is not None:
+            metrics = WorkerMetrics()
+            port = metrics_port + _supervisor.slot()
+            try:
+                server = MetricsServer(metrics, port)
+            except OSError as exc:
+                raise AmqtaskError(f"cannot serve metrics on port {port}: {exc}") from exc
+            server.start()
+        running = Worker(app, settings, metrics=metrics)
+        try:
+            await running.start()
+        except BaseException:
+            if server is not None:
+                server.stop()
+            raise
+        _supervisor.notify_ready()  # when run by `--processes`: this child consumes now
+        try:
+            await stop.wait()
+        finally:
+            await running.stop()
+            if server is not None:
+                server.stop()
 
     _run(app, work)
+
+
+def _worker_options() -> list[str]:
+    """This `worker` command's options, as given or defaulted, for a child without --processes."""
+    context = click.get_current_context()
+    options: list[str] = []
+    for param in context.command.params:
+        value = context.params.get(param.name or "")
+        if not isinstance(param, click.Option) or param.name == "processes" or value is None:
+            continue
+        if param.is_flag:
+            names = param.opts if value else param.secondary_opts
+            if names:  # `--json-logs` or `--console-logs`; a plain flag that is off adds nothing
+                options.append(max(names, key=len))
+        else:
+            name = max(param.opts, key=len)
+            for item in value if isinstance(value, tuple) else (value,):
+                options += [name, str(item)]
+    return options
 
 
 def _task_payload(app: App, task: str, payload: str) -> tuple[Contract[Any, Any], BaseModel]:

@@ -18,6 +18,8 @@ except ImportError:  # pragma: no cover - exercised where OpenTelemetry is absen
     trace = None  # type: ignore[assignment]
 
 ENABLED = propagate is not None
+# Tracer providers of a process without an OpenTelemetry SDK: their spans record nothing.
+_NO_SDK = () if trace is None else (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 
 
 def inject(headers: MutableMapping[str, Any]) -> None:
@@ -30,6 +32,12 @@ def inject(headers: MutableMapping[str, Any]) -> None:
 def consumer_span(headers: Mapping[str, Any], task: str) -> Iterator[None]:
     """Run the body in a CONSUMER span continuing the trace the message carries."""
     if propagate is None or trace is None:
+        yield
+        return
+    no_sdk = isinstance(trace.get_tracer_provider(), _NO_SDK)
+    if no_sdk and not propagate.get_global_textmap().fields & headers.keys():
+        # The span would record nothing and carry no trace on: skip its cost (several
+        # microseconds a task).
         yield
         return
     carrier = {k: v.decode() if isinstance(v, bytes) else v for k, v in headers.items()}

@@ -19,7 +19,6 @@ import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -110,8 +109,23 @@ SETTLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _properties(message: Outgoing) -> aiormq.spec.Basic.Properties:
+    """The AMQP properties of `message`, persistent."""
+    expiration = message.expiration
+    return aiormq.spec.Basic.Properties(
+        content_type=message.content_type,
+        headers=message.headers,
+        delivery_mode=2,  # persistent
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        expiration=None if expiration is None else str(int(expiration * 1000)),  # milliseconds
+        message_id=message.message_id,
+    )
+
+
 async def _publish(
-    target: AbstractExchange,
+    channel: AbstractChannel,
+    exchange: str,
     routing_key: str,
     message: Outgoing,
     *,
@@ -119,21 +133,24 @@ async def _publish(
     timeout: float | None,
     mandatory: bool,
 ) -> None:
-    """Publish persistent on `target`'s channel and wait for the broker's confirm."""
-    exchange = target.name
-    amqp_message = aio_pika.Message(
-        message.body,
-        headers=message.headers,
-        content_type=message.content_type,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        expiration=message.expiration,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+    """Publish persistent on `channel` and wait for the broker's confirm.
+
+    What aio-pika's `Exchange.publish` does, without building an `aio_pika.Message` (which checks
+    and copies every property again) on each send. The timeout is aiormq's own: it covers a
+    connection the broker blocks, the write and the confirm.
+    """
+    if channel.is_closed:
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
     try:
-        async with asyncio.timeout(timeout):
-            await target.publish(amqp_message, routing_key, mandatory=mandatory)
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_publish(
+            message.body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=_properties(message),
+            mandatory=mandatory,
+            timeout=timeout,
+        )
     except aio_pika.exceptions.PublishError:
         raise Unroutable(
             f"task {task!r}: no queue is bound to exchange {exchange!r} with routing key "
@@ -213,7 +230,6 @@ class _AioPikaReplyChannel:
         self._on_reply, self._on_lost = on_reply, on_lost
         self._channel: AbstractRobustChannel | None = None
         self._consuming: object = None  # the AMQP channel our reply consumer runs on
-        self._exchanges: dict[str, AbstractExchange] = {}
         self._opening = asyncio.Lock()  # taken only to open the channel or start the consumer
 
     async def request(
@@ -225,11 +241,10 @@ class _AioPikaReplyChannel:
         `publish`, and `ConnectionLost` when the connection drops before the confirm.
         """
         channel = await self._ready()
-        target = self._exchanges.get(exchange)
-        if target is None:
-            target = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
         try:
-            await _publish(target, routing_key, message, task=task, timeout=None, mandatory=True)
+            await _publish(
+                channel, exchange, routing_key, message, task=task, timeout=None, mandatory=True
+            )
         except (ConnectionError, aiormq.exceptions.ChannelInvalidStateError) as exc:
             raise ConnectionLost(
                 f"task {task!r}: the connection to the broker dropped before the request was "
@@ -274,7 +289,6 @@ class AioPikaTransport:
         self.name = name
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
         self._subscriptions: list[_AioPikaSubscription] = []
 
     @property
@@ -301,21 +315,9 @@ class AioPikaTransport:
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         self._publish_channel = None
-        self._exchanges.clear()
         self._subscriptions.clear()
         if connection is not None:
             await connection.close()
-
-    async def _exchange(self, name: str) -> AbstractExchange:
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            if self._publish_channel is None:
-                raise NotConnected("not connected: use `async with app:` first")
-            # Not declared here: `amqtask declare` owns the topology; a missing exchange surfaces
-            # as a channel error on publish.
-            exchange = await self._publish_channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
 
     async def publish(
         self,
@@ -332,10 +334,20 @@ class AioPikaTransport:
         Raises `Unroutable` (returned by `mandatory`), `PublishNacked`, `PublishTimeout`, or
         `PublishInterrupted` when the connection is down or drops before the confirm.
         """
-        target = await self._exchange(exchange)
+        channel = self._publish_channel
+        if channel is None:
+            raise NotConnected("not connected: use `async with app:` first")
+        # Exchanges are not declared here: `amqtask declare` owns the topology; a missing one
+        # surfaces as a channel error on publish.
         try:
             await _publish(
-                target, routing_key, message, task=task, timeout=timeout, mandatory=mandatory
+                channel,
+                exchange,
+                routing_key,
+                message,
+                task=task,
+                timeout=timeout,
+                mandatory=mandatory,
             )
         except (
             # In flight when the connection dropped: aiormq fails the confirm with its

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,7 @@ from amqtask._codec import (
     decode_task,
     encode_task,
     header_text,
+    new_message_id,
     trimmed_traceback,
 )
 
@@ -373,3 +375,11 @@ def test_a_long_traceback_keeps_its_end_where_the_error_was_raised() -> None:
     assert text.endswith(" the end\n")
     assert "Traceback (most recent call last)" not in text
     assert len(text) <= 100
+
+
+def test_message_ids_are_distinct_version_4_uuids_in_hex() -> None:
+    ids = [new_message_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    for message_id in ids:
+        parsed = uuid.UUID(hex=message_id)
+        assert (parsed.version, parsed.variant, parsed.hex) == (4, uuid.RFC_4122, message_id)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -12,7 +15,7 @@ import amqtask
 from amqtask._metrics import MetricsServer, WorkerMetrics
 from amqtask._transport import AioPikaTransport
 
-from .conftest import AppFactory, wait_for
+from .conftest import AppFactory, app_env, records, start_worker, wait_for
 from .proxy import start_proxy
 
 
@@ -103,3 +106,35 @@ async def sample_of(scrape: object, name: str, expected: float) -> bool:
 
 async def health_is(port: int, expected: int) -> bool:
     return (await asyncio.to_thread(fetch, port, "/health"))[0] == expected
+
+
+async def test_the_worker_command_serves_metrics_on_the_port_given(
+    make_app: AppFactory, broker_url: str, unique: str, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:  # a free port for the worker to bind
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    job = amqtask.contract(f"{unique}.job", Job)
+    producer = make_app([job])
+    await producer.declare()
+    record = tmp_path / "record.txt"
+    env = app_env(broker_url, unique, record, TEST_SLEEP="0")
+    worker = await start_worker(
+        "tests.integration.apps.slow_app:app", "--metrics-port", str(port), env=env
+    )
+    try:
+        async with producer:
+            await producer.send(job, Job(n=1))
+        await wait_for(lambda: sum(records(record)[1].values()) == 1)
+        name = f'amqtask_tasks_succeeded_total{{task="{job.name}"}}'
+
+        async def scraped() -> bool:
+            status, text = await asyncio.to_thread(fetch, port, "/metrics")
+            return status == 200 and sample(text, name) == 1
+
+        await wait_for(scraped)
+        assert await health_is(port, 200)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(worker.wait(), 30)
+    assert worker.returncode == 0

@@ -1,0 +1,1 @@
+"""Benchmarks of amqtask against raw aio-pika: `python -m bench` (see README, "Benchmark")."""

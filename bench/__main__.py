@@ -1,0 +1,431 @@
+"""`python -m bench`: amqtask against raw aio-pika, side by side, on one broker, in one run.
+
+Each measurement runs both sides in turn (alternating which goes first) `--repeat` times and
+reports the median with min-max, and amqtask's median as a ratio to its raw twin's. Targets are
+reported, not asserted. The broker is AMQTASK_URL (default amqp://guest:guest@127.0.0.1:5672/);
+everything is created under a fresh namespace and deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import operator
+import os
+import platform
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+
+import amqtask
+from bench import _scenarios as s
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+SCENARIOS = ("send", "pipelined", "worker", "rpc", "rss")
+
+
+@dataclass
+class Row:
+    """One line of the table: amqtask's runs against a baseline's (its raw twin, usually)."""
+
+    name: str
+    unit: str
+    amqtask: list[float]
+    baseline: list[float]
+    baseline_label: str = "raw aio-pika"
+    target: tuple[str, float] | None = None  # (">=" or "<=", ratio)
+    note: str = ""
+    ratio: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ratio = s.median(self.amqtask) / s.median(self.baseline)
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None:
+            return None
+        op = operator.ge if self.target[0] == ">=" else operator.le
+        return bool(op(round(self.ratio, 2), self.target[1]))
+
+    def to_dict(self) -> dict[str, Any]:
+        def summary(runs: list[float]) -> dict[str, Any]:
+            return {"median": s.median(runs), "min": min(runs), "max": max(runs), "runs": runs}
+
+        return {
+            **{k: v for k, v in asdict(self).items() if k not in ("amqtask", "baseline")},
+            "amqtask": summary(self.amqtask),
+            "baseline": summary(self.baseline),
+            "met": self.met,
+        }
+
+
+def _num(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _cell(runs: list[float]) -> str:
+    return f"{_num(s.median(runs))} ({_num(min(runs))}-{_num(max(runs))})"
+
+
+def render(rows: list[Row]) -> str:
+    lines = [
+        "| measurement | amqtask: median (min-max) | baseline: median (min-max) | ratio | target |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        target = "-"
+        if row.target is not None:
+            mark = "met" if row.met else "MISSED"
+            target = f"{row.target[0]} {row.target[1]:.2f}x {mark}"
+        baseline = _cell(row.baseline)
+        if row.baseline_label != "raw aio-pika":
+            baseline = f"{row.baseline_label}: {baseline}"
+        lines.append(
+            f"| {row.name} ({row.unit}) | {_cell(row.amqtask)} | {baseline} "
+            f"| {row.ratio:.2f}x | {target} |"
+        )
+    return "\n".join(lines)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, env: s.Env, raw: aio_pika.abc.AbstractConnection):
+        self.args, self.env, self.raw = args, env, raw
+        self.apps = env.apps
+        self.rows: list[Row] = []
+        self.usage: dict[str, list[s.Usage]] = {}
+        self.same_message: dict[str, list[float]] = {}  # raw twin sending amqtask's message
+
+    def log(self, text: str) -> None:
+        print(f"  {text}", file=sys.stderr, flush=True)
+
+    async def compare(
+        self,
+        name: str,
+        one: Callable[[str], Awaitable[float]],
+        sides: tuple[str, ...] = ("amqtask", "raw"),
+        repeat: int | None = None,
+    ) -> dict[str, list[float]]:
+        """Run `one(side)` for each side, interleaved, `--repeat` times."""
+        runs: dict[str, list[float]] = {side: [] for side in sides}
+        for rep, order in s.interleaved(repeat or self.args.repeat, sides):
+            for side in order:
+                runs[side].append(await one(side))
+            last = ", ".join(f"{side} {values[-1]:,.4g}" for side, values in runs.items())
+            self.log(f"{name} #{rep + 1}: {last}")
+        return runs
+
+    async def pair(
+        self, name: str, one: Callable[[str], Awaitable[float]], repeat: int | None = None
+    ) -> tuple[list[float], list[float]]:
+        """Run `one("amqtask")` and `one("raw")` interleaved, `--repeat` times."""
+        runs = await self.compare(name, one, repeat=repeat)
+        return runs["amqtask"], runs["raw"]
+
+    # --- 1 and 2: confirmed sends -------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def client(self, side: str, call: bool) -> AsyncIterator[Callable[[int], Awaitable[Any]]]:
+        """A fresh connection of `side` for one run: sends (or calls) numbered payloads.
+
+        Fresh each run, so where the broker happens to schedule a connection's processes
+        (which sticks for the connection's life) does not favour one side for the whole run.
+        """
+        apps = self.apps
+        contract = apps.echo if call else apps.job
+        if side == "amqtask":
+            app = amqtask.App(self.args.url, [contract], namespace=apps.NAMESPACE, name="bench")
+            async with app:
+                if call:
+                    yield lambda n: app.call(contract, s.payload(n))
+                else:
+                    yield lambda n: app.send(contract, s.payload(n))
+            return
+        connection = await aio_pika.connect_robust(self.args.url)
+        try:
+            if call:
+                exchange, key = apps.raw.names.task_exchange, apps.raw_echo.routing_key
+                yield (await s.RawCaller.open(connection, exchange, key)).call
+            else:
+                exchange, key = apps.tasks.names.task_exchange, contract.routing_key
+                producer = await s.RawProducer.open(connection, exchange, key)
+                if side == "same":
+                    producer = s.SameMessageProducer(producer.exchange, key, contract)
+                yield producer.send
+        finally:
+            await connection.close()
+
+    async def send(self, pipelined: bool) -> None:
+        queue = self.apps.job.queue
+        count = self.args.pipelined if pipelined else self.args.sends
+        concurrency = self.args.concurrency if pipelined else 1
+
+        async def one(side: str) -> float:
+            async with self.client(side, call=False) as send:
+                await s.sends(200, concurrency, send)  # warm-up: channel, caches
+                await self.env.purge(queue)
+                rate = await s.sends(count, concurrency, send)
+            await self.env.purge(queue)
+            return rate
+
+        name = f"send, {concurrency} in flight" if pipelined else "send, one awaited at a time"
+        runs = await self.compare(name, one, ("amqtask", "raw", "same"))
+        same = s.median(runs["same"])
+        note = (
+            f"raw aio-pika sending amqtask's message (validated, orjson, task headers, message "
+            f"id): {_num(same)} msgs/s; amqtask is {s.median(runs['amqtask']) / same:.2f}x that"
+        )
+        target = (">=", 0.8 if pipelined else 0.9)
+        self.rows.append(
+            Row(name, "msgs/s", runs["amqtask"], runs["raw"], target=target, note=note)
+        )
+        self.same_message[name] = runs["same"]
+
+    # --- 3: worker throughput -----------------------------------------------------------------
+
+    async def worker(self) -> None:
+        count, prefetch = self.args.consume, self.args.prefetch
+        by_processes: dict[int, tuple[list[float], list[float]]] = {}
+        usage: dict[tuple[str, int], list[s.Usage]] = {}
+        for processes in (1, 2):
+            commands = {
+                "amqtask": [
+                    s.amqtask_worker("tasks", prefetch, processes, self.args.worker_log_level)
+                ],
+                "raw": [s.raw_consumer("consume", self.apps.job.queue, prefetch)] * processes,
+            }
+
+            async def one(
+                side: str, processes: int = processes, commands: dict[str, Any] = commands
+            ) -> float:
+                await self.env.purge(self.apps.job.queue)
+                await s.preload(self.env, self.raw, count)
+                rate, used = await s.consume_rate(self.env, commands[side], count)
+                usage.setdefault((side, processes), []).append(used)
+                return rate
+
+            name = f"worker, {processes} process{'es' if processes > 1 else ''}"
+            by_processes[processes] = await self.pair(name, one, self.args.worker_repeat)
+        (a1, b1), (a2, b2) = by_processes[1], by_processes[2]
+
+        def cpu(side: str, processes: int) -> str:
+            runs = usage[(side, processes)]
+            consumers = s.median([u.consumers_us for u in runs])
+            brokers = [u.broker_us for u in runs if u.broker_us is not None]
+            broker = f", broker {s.median(brokers):.0f}" if brokers else ""
+            busy = s.median([u.machine_busy for u in runs])
+            return f"{side} {consumers:.0f}{broker} us/msg, machine {busy:.0%} busy"
+
+        self.usage = {f"{side}, {n} process(es)": runs for (side, n), runs in usage.items()}
+        self.rows.append(
+            Row(
+                "worker, 1 process",
+                "msgs/s",
+                a1,
+                b1,
+                target=(">=", 0.7),
+                note=f"CPU: {cpu('amqtask', 1)}; {cpu('raw', 1)}",
+            )
+        )
+        self.rows.append(
+            Row(
+                "worker, --processes 2",
+                "msgs/s",
+                a2,
+                b2,
+                note=f"CPU: {cpu('amqtask', 2)}; {cpu('raw', 2)}",
+            )
+        )
+        self.rows.append(
+            Row(
+                "worker, 2 processes vs 1",
+                "msgs/s",
+                a2,
+                a1,
+                baseline_label="amqtask 1 process",
+                target=(">=", 1.4),
+                note=f"raw aio-pika scales {s.median(b2) / s.median(b1):.2f}x in the same run",
+            )
+        )
+
+    # --- 4: RPC -------------------------------------------------------------------------------
+
+    async def rpc(self) -> None:
+        apps, in_flight = self.apps, self.args.in_flight
+        commands = [
+            s.amqtask_worker("rpc", in_flight, 1, self.args.worker_log_level),
+            s.raw_consumer("respond", apps.raw_echo.queue, in_flight),
+        ]
+        async with s.consumers(self.env, commands) as running:
+
+            async def ready() -> bool:
+                queues = (apps.echo.queue, apps.raw_echo.queue)
+                states = [await self.env.queue_state(queue) for queue in queues]
+                return all(consumers >= 1 for _, consumers in states)
+
+            await s.wait_until(ready, running)
+            p50: dict[str, list[float]] = {"amqtask": [], "raw": []}
+
+            async def sequential(side: str) -> float:
+                async with self.client(side, call=True) as call:
+                    await s.latencies(100, call)  # warm-up
+                    times = await s.latencies(self.args.calls, call)
+                p50[side].append(s.percentile(times, 50) * 1000)
+                return s.percentile(times, 99) * 1000
+
+            p99_a, p99_b = await self.pair("rpc p99 latency (ms)", sequential)
+
+            async def pipelined(side: str) -> float:
+                async with self.client(side, call=True) as call:
+                    await s.sends(200, in_flight, call)  # warm-up
+                    return await s.sends(self.args.pipelined_calls, in_flight, call)
+
+            rate_a, rate_b = await self.pair(f"rpc calls/s, {in_flight} in flight", pipelined)
+            running.check_alive()
+        self.rows.append(
+            Row("call latency p50", "ms", p50["amqtask"], p50["raw"], target=("<=", 1.2))
+        )
+        self.rows.append(Row("call latency p99", "ms", p99_a, p99_b))
+        self.rows.append(
+            Row(f"calls, {in_flight} in flight", "calls/s", rate_a, rate_b, target=(">=", 0.85))
+        )
+
+    # --- 5: worker memory ---------------------------------------------------------------------
+
+    async def rss(self) -> None:
+        small, large = self.args.rss_small, self.args.rss_large
+        command = s.amqtask_worker("tasks", self.args.prefetch, 1, self.args.worker_log_level)
+        peaks: dict[int, list[float]] = {small: [], large: []}
+        for rep in range(self.args.rss_repeat):
+            for count in (small, large):
+                await self.env.purge(self.apps.job.queue)
+                await s.preload(self.env, self.raw, count)
+                peaks[count].append(await s.worker_peak_rss(self.env, command, count))
+            self.log(
+                f"worker peak RSS #{rep + 1}: {small:,}: {peaks[small][-1]:.1f} MiB, "
+                f"{large:,}: {peaks[large][-1]:.1f} MiB"
+            )
+        self.rows.append(
+            Row(
+                f"worker peak RSS, {large:,} queued",
+                "MiB",
+                peaks[large],
+                peaks[small],
+                baseline_label=f"{small:,} queued",
+                target=("<=", 1.1),
+                note=f"prefetch {self.args.prefetch}; VmHWM of the worker process",
+            )
+        )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--url", default=os.environ.get("AMQTASK_URL", DEFAULT_URL), help="broker URL")
+    add("--repeat", type=int, default=5, help="repetitions of each measurement")
+    add("--worker-repeat", type=int, default=3, help="repetitions of the worker runs")
+    add("--sends", type=int, default=1000, help="sends awaited one at a time")
+    add("--pipelined", type=int, default=10_000, help="sends with --concurrency in flight")
+    add("--concurrency", type=int, default=100, help="sends in flight")
+    add("--consume", type=int, default=10_000, help="queued tasks a worker drains")
+    add("--prefetch", type=int, default=50, help="worker concurrency and prefetch (both sides)")
+    add(
+        "--worker-log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the amqtask workers' --log-level (info logs a line per task)",
+    )
+    add("--calls", type=int, default=500, help="sequential calls (latency)")
+    add("--pipelined-calls", type=int, default=3_000, help="calls with --in-flight in flight")
+    add("--in-flight", type=int, default=100, help="calls in flight")
+    add("--rss-small", type=int, default=1_000, help="queued tasks, small memory run")
+    add("--rss-large", type=int, default=100_000, help="queued tasks, large memory run")
+    add("--rss-repeat", type=int, default=1, help="repetitions of the memory runs")
+    add("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS), help="what to run")
+    add("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
+    args = parser.parse_args(argv)
+    if min(args.repeat, args.worker_repeat, args.rss_repeat) < 1:
+        parser.error("repetitions must be at least 1")
+    return args
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    os.environ["BENCH_NAMESPACE"], os.environ["AMQTASK_URL"] = namespace, args.url
+    apps = importlib.import_module("bench.app")
+    topologies = [apps.tasks.topology, apps.rpc.topology, apps.raw.topology]
+    for app in (apps.tasks, apps.rpc, apps.raw):
+        await app.declare()
+    connection = await aio_pika.connect(args.url)
+    raw = await aio_pika.connect_robust(  # preloads queues
+        args.url, client_properties={"connection_name": "bench-preload"}
+    )
+    try:
+        env = s.Env(args.url, namespace, apps, connection, await connection.channel())
+        bench = Bench(args, env, raw)
+        for scenario in args.only:
+            print(f"{scenario}:", file=sys.stderr, flush=True)
+            if scenario in ("send", "pipelined"):
+                await bench.send(pipelined=scenario == "pipelined")
+            else:
+                await getattr(bench, scenario)()
+        server = connection.transport.connection.server_properties  # type: ignore[union-attr]
+        version = server.get("version", b"?")
+        return {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "aio_pika": aio_pika.__version__,
+                "rabbitmq": version.decode() if isinstance(version, bytes) else str(version),
+            },
+            "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "rows": bench.rows,
+            "cpu": {name: [asdict(u) for u in runs] for name, runs in bench.usage.items()},
+            "raw_with_amqtask_message": bench.same_message,
+        }
+    finally:
+        await raw.close()
+        for topology in topologies:
+            for queue in topology.queues:
+                async with connection.channel() as channel:
+                    await channel.queue_delete(queue.name)
+            for exchange in topology.exchanges:
+                async with connection.channel() as channel:
+                    await channel.exchange_delete(exchange.name)
+        await connection.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = asyncio.run(run(args))
+    rows: list[Row] = result["rows"]
+    machine = result["machine"]
+    print(
+        f"\namqtask vs raw aio-pika {machine['aio_pika']}, RabbitMQ {machine['rabbitmq']}, "
+        f"Python {machine['python']}, {machine['cpus']} CPUs; median (min-max) of "
+        f"{args.repeat} interleaved runs ({args.worker_repeat} for the worker, "
+        f"{args.rss_repeat} for memory); ratio = amqtask / baseline\n"
+    )
+    print(render(rows))
+    for row in rows:
+        if row.note:
+            print(f"- {row.name}: {row.note}")
+    if args.json is not None:
+        data = {**result, "rows": [row.to_dict() for row in rows]}
+        args.json.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The amqtask side of the benchmark: contracts and no-op handlers, names from the environment.
+
+`BENCH_NAMESPACE` names everything (the benchmark deletes it afterwards), `AMQTASK_URL` is the
+broker, and `BENCH_STATS_DIR`, when set, receives each worker process's completion timeline
+(see `bench._timeline`) at exit. Run by `amqtask worker bench.app:tasks` and
+`amqtask worker bench.app:rpc`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel
+
+import amqtask
+from bench import _timeline
+
+URL = os.environ.get("AMQTASK_URL", "amqp://guest:guest@127.0.0.1:5672/")
+NAMESPACE = os.environ.get("BENCH_NAMESPACE", "bench")
+
+
+class Job(BaseModel):
+    n: int
+    user: str
+    text: str
+
+
+class Echoed(BaseModel):
+    n: int
+
+
+job = amqtask.contract(f"{NAMESPACE}.job", Job, queue=f"{NAMESPACE}.jobs")
+echo = amqtask.contract(f"{NAMESPACE}.echo", Job, returns=Echoed, queue=f"{NAMESPACE}.calls")
+# The raw responder's queue: declared by amqtask too, so both sides use the same queue settings.
+raw_echo = amqtask.contract(f"{NAMESPACE}.raw_echo", Job, queue=f"{NAMESPACE}.raw_calls")
+
+tasks = amqtask.App(URL, [job], namespace=NAMESPACE, name="bench-worker")
+rpc = amqtask.App(URL, [echo], namespace=NAMESPACE, name="bench-responder")
+raw = amqtask.App(URL, [raw_echo], namespace=NAMESPACE, name="bench-raw")  # topology only
+timeline = _timeline.Timeline.from_env()
+
+
+@tasks.handler(job)
+async def do_job(task: Job) -> None:
+    timeline.tick()
+
+
+@rpc.handler(echo)
+async def do_echo(task: Job) -> Echoed:
+    return Echoed(n=task.n)
