@@ -317,7 +317,15 @@ def call(app_path: str, task: str, payload: str, timeout: float | None) -> None:
     default=None,
     help="Seconds to wait for the broker's confirm [default: the app's publish_timeout].",
 )
-def send(app_path: str, task: str, payload: str, timeout: float | None) -> None:
+@click.option(
+    "--delay",
+    type=_TIMEOUT,
+    default=None,
+    help="Seconds the task waits on the broker before it reaches its queue (rounded up).",
+)
+def send(
+    app_path: str, task: str, payload: str, timeout: float | None, delay: float | None
+) -> None:
     """Send TASK with the JSON PAYLOAD, fire and forget, and print its message id.
 
     Returns once the broker confirmed it stored the message. Exits 1 when it is unroutable (run
@@ -326,6 +334,7 @@ def send(app_path: str, task: str, payload: str, timeout: float | None) -> None:
     \b
     Example:
       amqtask send examples.app:app users.notify '{"user": "ada", "text": "hello"}'
+      amqtask send examples.app:app users.notify '{"user": "ada", "text": "later"}' --delay 60
     """
     _logging.configure(logging.WARNING)
     app = load_app(app_path)
@@ -333,7 +342,7 @@ def send(app_path: str, task: str, payload: str, timeout: float | None) -> None:
 
     async def work() -> str:
         async with app:
-            return await app.send(contract, model, timeout=timeout)
+            return await app.send(contract, model, timeout=timeout, delay=delay)
 
     click.echo(_run(app, work))
 

@@ -157,3 +157,16 @@ async def test_the_help_of_call_and_send_shows_an_example() -> None:
         code, stdout, _ = await amqtask_cli(dict(os.environ), command, "--help")
         assert code == 0
         assert f"amqtask {command} examples.app:app" in stdout
+
+
+async def test_send_with_delay_parks_the_task_on_the_broker_first(
+    worker: list[str], env: dict[str, str], unique: str, amqp: AbstractConnection
+) -> None:
+    code, _, stderr = await amqtask_cli(
+        env, "send", APP, f"{unique}.double", '{"n": 2}', "--delay", "1"
+    )
+    assert code == 0, stderr
+    # One second is level 0 of the delay levels: the task waits there, not in its queue.
+    assert await depth_is(amqp, f"{unique}.delay.0", 1)
+    await wait_for(lambda: depth_is(amqp, f"{unique}.delay.0", 0), timeout=10)
+    await wait_for(lambda: depth_is(amqp, f"{unique}.double", 0))
