@@ -127,7 +127,21 @@ class App:
 
     # --- connection -------------------------------------------------------------------------
 
-    async def connect(self) -> None:
+    async def connect(self, *, queues: Iterable[str] = ()) -> None:
+        """Open the connection, after checking that the exchanges it publishes to (and `queues`)
+        exist.
+
+        Raises `TopologyMissing` before `amqtask declare` has run: a publish to a missing
+        exchange would close the channel every send shares (404), failing the others with it.
+        """
+        names = self.names
+        published_to = {names.task_exchange, names.dead_letter_exchange, names.delay_entry_exchange}
+        needed = topology.Topology(
+            exchanges=tuple(e for e in self.topology.exchanges if e.name in published_to),
+            queues=tuple(self.topology.queue(name) for name in queues),
+            names=names,
+        )
+        await self.transport.ensure_exists(needed, (queue.name for queue in needed.queues))
         await self.transport.connect()
 
     async def close(self) -> None:

@@ -26,6 +26,7 @@ from amqtask._contract import Contract
 from amqtask._exceptions import AmqtaskError, ContractError, RemoteError, TopologyConflict
 from amqtask._metrics import MetricsServer, WorkerMetrics
 from amqtask._worker import Worker, WorkerSettings
+from amqtask.routing import delay_seconds
 
 T = TypeVar("T")
 
@@ -201,7 +202,8 @@ def worker(
         supervisor = _supervisor.Supervisor(child, processes, shutdown_timeout)
         sys.exit(asyncio.run(supervisor.run()))
 
-    async def work() -> None:
+    async def work() -> int:
+        """Serve until SIGTERM/SIGINT; return how many handlers shutdown gave up on."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -229,8 +231,14 @@ def worker(
             await running.stop()
             if server is not None:
                 server.stop()
+        return running.abandoned
 
-    _run(app, work)
+    abandoned = _run(app, work)
+    if abandoned:
+        # A plain-def handler's thread cannot be cancelled, and the interpreter would wait for it
+        # at exit, past --shutdown-timeout. Its message is unacked and will be redelivered.
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _worker_options() -> list[str]:
@@ -252,12 +260,17 @@ def _worker_options() -> list[str]:
     return options
 
 
-def _task_payload(app: App, task: str, payload: str) -> tuple[Contract[Any, Any], BaseModel]:
-    """TASK's contract and PAYLOAD validated against its input model (usage errors otherwise)."""
+def _task(app: App, task: str) -> Contract[Any, Any]:
+    """TASK's contract; an unknown task is a usage error."""
     try:
-        contract = app.contract(task)
+        return app.contract(task)
     except ContractError as exc:
         raise click.BadParameter(str(exc), param_hint="TASK") from None
+
+
+def _task_payload(app: App, task: str, payload: str) -> tuple[Contract[Any, Any], BaseModel]:
+    """TASK's contract and PAYLOAD validated against its input model (usage errors otherwise)."""
+    contract = _task(app, task)
     try:
         data = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -339,6 +352,11 @@ def send(
     _logging.configure(logging.WARNING)
     app = load_app(app_path)
     contract, model = _task_payload(app, task, payload)
+    if delay is not None:
+        try:
+            delay_seconds(delay)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--delay") from None
 
     async def work() -> str:
         async with app:
@@ -367,7 +385,7 @@ def dlq() -> None:
 def dlq_list(app_path: str, task: str, limit: int, as_json: bool) -> None:
     """Show the count and, per message: id, reason, attempts, first failure. Removes nothing."""
     app = load_app(app_path)
-    contract = app.contract(task)
+    contract = _task(app, task)
 
     async def work() -> None:
         count, letters = await _dead_letters.list_dead_letters(app, contract, limit=limit)
@@ -397,7 +415,7 @@ def dlq_list(app_path: str, task: str, limit: int, as_json: bool) -> None:
 def dlq_replay(app_path: str, task: str, ids: tuple[str, ...]) -> None:
     """Move dead letters back to the work queue, each confirmed before it is removed."""
     app = load_app(app_path)
-    contract = app.contract(task)
+    contract = _task(app, task)
 
     async def work() -> int:
         return await _dead_letters.replay(app, contract, ids=set(ids) if ids else None)
@@ -418,7 +436,7 @@ def dlq_purge(app_path: str, task: str, yes: bool) -> None:
     if not yes:
         raise click.UsageError("purge deletes messages for good: pass --yes to confirm")
     app = load_app(app_path)
-    contract = app.contract(task)
+    contract = _task(app, task)
 
     async def work() -> int:
         return await _dead_letters.purge(app, contract)

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
+import aiormq.exceptions
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from amqtask import _codec
 from amqtask._app import App
 from amqtask._contract import Contract
-from amqtask._exceptions import PublishError
+from amqtask._exceptions import PublishError, TopologyMissing
 from amqtask.routing import dead_letter_queue_name
 
 # Headers of a failure that a replayed message must not carry into its fresh start.
@@ -76,6 +77,16 @@ class DeadLetter:
         }
 
 
+async def _dead_letter_queue(
+    channel: AbstractChannel, contract: Contract[Any, Any]
+) -> AbstractQueue:
+    name = dead_letter_queue_name(contract.queue)
+    try:
+        return await channel.declare_queue(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise TopologyMissing([f"queue {name!r}"]) from None
+
+
 async def list_dead_letters(
     app: App, contract: Contract[Any, Any], *, limit: int = 100
 ) -> tuple[int, list[DeadLetter]]:
@@ -83,7 +94,7 @@ async def list_dead_letters(
     connection = await aio_pika.connect(app.url)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(dead_letter_queue_name(contract.queue), passive=True)
+        queue = await _dead_letter_queue(channel, contract)
         count = queue.declaration_result.message_count or 0
         letters = []
         for _ in range(min(limit, count)):
@@ -110,7 +121,7 @@ async def replay(
     async with connection:
         getter = await connection.channel()
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        queue = await getter.declare_queue(dead_letter_queue_name(contract.queue), passive=True)
+        queue = await _dead_letter_queue(getter, contract)
         count = queue.declaration_result.message_count or 0
         for _ in range(count):
             message = await queue.get(fail=False)
@@ -156,6 +167,6 @@ async def purge(app: App, contract: Contract[Any, Any]) -> int:
     connection = await aio_pika.connect(app.url)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(dead_letter_queue_name(contract.queue), passive=True)
+        queue = await _dead_letter_queue(channel, contract)
         result = await queue.purge()
         return int(result.message_count or 0)

@@ -90,7 +90,7 @@ class WorkerMetrics:
 
 
 class MetricsServer:
-    """Serves /metrics and /health for `metrics` on 127.0.0.1 or another host."""
+    """Serves /metrics and /health for `metrics`, on every interface unless `host` says which."""
 
     def __init__(
         self,

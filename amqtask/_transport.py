@@ -67,7 +67,13 @@ class ReplyChannel(Protocol):
     @property
     def reply_to(self) -> str: ...
     async def request(
-        self, exchange: str, routing_key: str, message: Outgoing, *, task: str
+        self,
+        exchange: str,
+        routing_key: str,
+        message: Outgoing,
+        *,
+        task: str,
+        before_publish: Callable[[], None],
     ) -> None: ...
 
 
@@ -183,13 +189,21 @@ async def _publish(
         ) from None
 
 
+# A publish cut off by its channel or connection closing, whatever closed it: the message may or
+# may not be stored.
+_LOST_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.AMQPError,
+)
+
 _CANCEL_TIMEOUT = 5.0
 _CANCEL_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *SETTLE_ERRORS)
 
 
 class _AioPikaSubscription:
-    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, tag: str) -> None:
-        self._channel, self._queue, self._tag = channel, queue, tag
+    def __init__(self, queue: AbstractQueue, tag: str) -> None:
+        self._queue, self._tag = queue, tag
 
     async def cancel(self) -> None:
         """Stop deliveries; the channel stays open so in-flight messages can still be acked.
@@ -202,10 +216,6 @@ class _AioPikaSubscription:
                 await self._queue.cancel(self._tag)
         except _CANCEL_ERRORS as exc:
             log.warning("consumer_cancel_failed", queue=self._queue.name, error=repr(exc))
-
-    async def close(self) -> None:
-        if not self._channel.is_closed:
-            await self._channel.close()
 
 
 # RabbitMQ's direct reply-to pseudo-queue: no queue to declare, replies go to the consuming channel.
@@ -233,7 +243,13 @@ class _AioPikaReplyChannel:
         self._opening = asyncio.Lock()  # taken only to open the channel or start the consumer
 
     async def request(
-        self, exchange: str, routing_key: str, message: Outgoing, *, task: str
+        self,
+        exchange: str,
+        routing_key: str,
+        message: Outgoing,
+        *,
+        task: str,
+        before_publish: Callable[[], None],
     ) -> None:
         """Publish a request (mandatory, confirmed) once the reply consumer runs.
 
@@ -241,11 +257,14 @@ class _AioPikaReplyChannel:
         `publish`, and `ConnectionLost` when the connection drops before the confirm.
         """
         channel = await self._ready()
+        # Only now: a call still waiting for the channel is not among those a closing channel
+        # fails, so it is never both failed and published.
+        before_publish()
         try:
             await _publish(
                 channel, exchange, routing_key, message, task=task, timeout=None, mandatory=True
             )
-        except (ConnectionError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+        except _LOST_ERRORS as exc:
             raise ConnectionLost(
                 f"task {task!r}: the connection to the broker dropped before the request was "
                 f"confirmed ({type(exc).__name__}); it may or may not have been processed",
@@ -289,7 +308,6 @@ class AioPikaTransport:
         self.name = name
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
-        self._subscriptions: list[_AioPikaSubscription] = []
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -305,17 +323,21 @@ class AioPikaTransport:
     async def connect(self) -> None:
         if self._connection is not None:
             return
-        self._connection = await aio_pika.connect_robust(
+        connection = await aio_pika.connect_robust(
             self.url, client_properties={"connection_name": self.name}
         )
-        self._publish_channel = await self._connection.channel(
-            publisher_confirms=True, on_return_raises=True
-        )
+        try:
+            self._publish_channel = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection = connection
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         self._publish_channel = None
-        self._subscriptions.clear()
         if connection is not None:
             await connection.close()
 
@@ -349,13 +371,7 @@ class AioPikaTransport:
                 timeout=timeout,
                 mandatory=mandatory,
             )
-        except (
-            # In flight when the connection dropped: aiormq fails the confirm with its
-            # AMQPConnectionError (a ConnectionError), or the channel's ChannelInvalidStateError.
-            ConnectionError,
-            # Sent while the robust connection is down: aio-pika refuses at once, nothing written.
-            aiormq.exceptions.ChannelInvalidStateError,
-        ) as exc:
+        except _LOST_ERRORS as exc:
             raise PublishInterrupted(
                 f"task {task!r}: the connection dropped before the broker confirmed message "
                 f"{message.message_id} ({type(exc).__name__}); it may or may not be stored, and "
@@ -376,8 +392,7 @@ class AioPikaTransport:
             await on_message(message)
 
         tag = await amqp_queue.consume(deliver, no_ack=False)
-        subscription = _AioPikaSubscription(channel, amqp_queue, tag)
-        self._subscriptions.append(subscription)
+        subscription = _AioPikaSubscription(amqp_queue, tag)
         return subscription
 
     def reply_channel(self, on_reply: OnReply, on_lost: OnLost) -> ReplyChannel:

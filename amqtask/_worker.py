@@ -89,6 +89,7 @@ class Worker:
         self.counts: dict[str, int] = defaultdict(int)
         self.metrics = metrics
         self._watch: asyncio.Task[None] | None = None
+        self.abandoned = 0  # handlers still running when shutdown gave up on them
 
     @property
     def queues(self) -> tuple[str, ...]:
@@ -101,14 +102,18 @@ class Worker:
 
         Raises `TopologyMissing` when `amqtask declare` has not created the queues.
         """
-        await self.app.connect()
-        await self.app.transport.ensure_exists(self.app.topology, self.queues)
         prefetch = self.settings.effective_prefetch
-        for queue in self.queues:
-            subscription = await self.app.transport.consume(
-                queue, self._consumer(queue), prefetch=prefetch
-            )
-            self._subscriptions.append(subscription)
+        try:
+            await self.app.connect(queues=self.queues)
+            for queue in self.queues:
+                subscription = await self.app.transport.consume(
+                    queue, self._consumer(queue), prefetch=prefetch
+                )
+                self._subscriptions.append(subscription)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            await self.app.close()
+            raise
         if self.metrics is not None:
             self.metrics.prefetch.set(prefetch)
             self._watch = asyncio.create_task(self._watch_connection(self.metrics))
@@ -145,6 +150,7 @@ class Worker:
             for task in pending:
                 task.cancel()
             if pending:
+                self.abandoned = len(pending)
                 log.warning("worker_abandoned_tasks", count=len(pending))
                 await asyncio.wait(pending, timeout=1.0)
         for task in self._tasks:

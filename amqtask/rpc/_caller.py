@@ -58,12 +58,19 @@ class Caller:
         message = _codec.encode_call(contract, payload, reply_to=channel.reply_to, timeout=timeout)
         correlation_id = message.message_id
         pending = _Pending(contract.name, asyncio.get_running_loop().create_future())
-        # Registered before publishing: the reply can arrive before the publish is confirmed.
-        self._pending[correlation_id] = pending
+
+        def register() -> None:
+            # Just before the publish: the reply can arrive before the publish is confirmed.
+            self._pending[correlation_id] = pending
+
         try:
             async with asyncio.timeout(timeout):
                 await channel.request(
-                    self._exchange, contract.routing_key, message, task=contract.name
+                    self._exchange,
+                    contract.routing_key,
+                    message,
+                    task=contract.name,
+                    before_publish=register,
                 )
                 reply = await pending.reply
         except TimeoutError:
@@ -75,7 +82,7 @@ class Caller:
                 correlation_id=correlation_id,
             ) from None
         finally:
-            del self._pending[correlation_id]
+            self._pending.pop(correlation_id, None)
             if not pending.reply.done():
                 pending.reply.cancel()
             elif not pending.reply.cancelled():

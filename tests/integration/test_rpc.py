@@ -407,7 +407,7 @@ async def test_a_lost_connection_fails_every_call_in_flight_and_later_calls_work
     assert await queue_depth(amqp, double.queue) == 0
 
 
-async def test_a_call_before_declare_raises_unroutable_and_the_app_recovers(
+async def test_connecting_before_declare_is_refused_and_the_app_recovers(
     make_app: AppFactory, unique: str
 ) -> None:
     double = amqtask.contract(f"{unique}.double", Job, returns=Doubled)
@@ -418,12 +418,12 @@ async def test_a_call_before_declare_raises_unroutable_and_the_app_recovers(
     async def handle(task: Job) -> Doubled:
         return Doubled(m=task.n * 2)
 
-    async with caller:
-        with pytest.raises(amqtask.Unroutable, match=r"does not exist.*amqtask declare"):
-            await caller.call(double, Job(n=1), timeout=5)
-        await caller.declare()
-        async with running(worker_app):
-            assert await caller.call(double, Job(n=2), timeout=10) == Doubled(m=4)
+    with pytest.raises(amqtask.TopologyMissing, match=r"tasks'.*amqtask declare"):
+        async with caller:
+            pass
+    await caller.declare()
+    async with caller, running(worker_app):
+        assert await caller.call(double, Job(n=2), timeout=10) == Doubled(m=4)
 
 
 async def test_call_outside_the_context_manager_raises_not_connected(

@@ -6,6 +6,7 @@ import asyncio
 import signal
 from pathlib import Path
 
+import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
@@ -67,11 +68,17 @@ async def test_sigterm_lets_running_tasks_finish_and_leaves_the_rest_for_redeliv
     assert await queue_depth(amqp, job.queue) == 0
 
 
+@pytest.mark.parametrize("sync", ["0", "1"], ids=["async-handler", "thread-handler"])
 async def test_tasks_cut_off_by_the_shutdown_timeout_are_redelivered(
-    make_app: AppFactory, amqp: AbstractConnection, broker_url: str, unique: str, tmp_path: Path
+    make_app: AppFactory,
+    amqp: AbstractConnection,
+    broker_url: str,
+    unique: str,
+    tmp_path: Path,
+    sync: str,
 ) -> None:
     record = tmp_path / "record.txt"
-    env = app_env(broker_url, unique, record, TEST_SLEEP="30")
+    env = app_env(broker_url, unique, record, TEST_SLEEP="30", TEST_SYNC=sync)
     job = amqtask.contract(f"{unique}.job", Job)
     producer = make_app([job])
     await producer.declare()
@@ -81,7 +88,8 @@ async def test_tasks_cut_off_by_the_shutdown_timeout_are_redelivered(
     worker = await start_slow_worker(env, "--concurrency", "2", "--shutdown-timeout", "0.5")
     await wait_for(lambda: sum(records(record)[0].values()) == 2)
     worker.send_signal(signal.SIGTERM)
-    _, stderr = await asyncio.wait_for(worker.communicate(), 30)
+    # The handlers would sleep 30 s: the process is gone long before, threads included.
+    _, stderr = await asyncio.wait_for(worker.communicate(), 15)
     _started, done = records(record)
 
     assert worker.returncode == 0, stderr.decode()

@@ -5,6 +5,7 @@ Each handler appends "start <n>" when it begins and "done <n>" when it finishes 
 
 import asyncio
 import os
+import time
 
 from pydantic import BaseModel
 
@@ -28,8 +29,17 @@ def record(line: str) -> None:
         f.write(line + "\n")
 
 
-@app.handler(job)
 async def handle(task: Job) -> None:
     record(f"start {task.n}")
     await asyncio.sleep(SLEEP)
     record(f"done {task.n}")
+
+
+def handle_in_thread(task: Job) -> None:
+    record(f"start {task.n}")
+    time.sleep(SLEEP)
+    record(f"done {task.n}")
+
+
+# TEST_SYNC=1: a plain `def` handler, run in a worker thread.
+app.handler(job)(handle_in_thread if os.environ.get("TEST_SYNC") == "1" else handle)
