@@ -204,10 +204,9 @@ class Worker:
             contract, payload = _codec.decode_task(delivery, self._contracts)
         except DecodeError as exc:
             task_name = _codec.header_text((delivery.headers or {}).get(_codec.TASK))
-            await self._reply_error(
-                delivery, reason=exc.reason, error=exc.detail, exc=exc, traceback=False
+            await self._fail(
+                queue, delivery, reason=exc.reason, error=exc.detail, exc=exc, decoded=False
             )
-            await self._dead_letter(queue, delivery, reason=exc.reason, error=exc.detail)
             self._outcome("rejected", task_name, message_id, started, reason=exc.reason)
             return
         if _codec.call_expired(delivery):
@@ -226,10 +225,7 @@ class Worker:
         try:
             result = await self._run_handler(handler, payload, delivery.headers)
         except Reject as signal:
-            await self._reply_error(
-                delivery, reason=_codec.Reasons.REJECTED, error=signal.reason, exc=signal
-            )
-            await self._dead_letter(
+            await self._fail(
                 queue, delivery, reason=_codec.Reasons.REJECTED, error=signal.reason, exc=signal
             )
             self._outcome(
@@ -256,11 +252,13 @@ class Worker:
                     error=error,
                 )
                 return
-            await self._reply_error(
-                delivery, reason=_codec.Reasons.HANDLER_ERROR, error=str(exc), exc=exc
-            )
-            await self._dead_letter(
-                queue, delivery, reason=_codec.Reasons.HANDLER_ERROR, error=error, exc=exc
+            await self._fail(
+                queue,
+                delivery,
+                reason=_codec.Reasons.HANDLER_ERROR,
+                error=error,
+                exc=exc,
+                answer=str(exc),  # the caller gets the type separately, as RemoteError's
             )
             self._outcome(
                 "failed", contract.name, message_id, started, attempt=attempt, error=error
@@ -330,15 +328,39 @@ class Worker:
         except ValidationError as exc:
             output = getattr(contract.output, "__name__", repr(contract.output))
             error = f"the handler's result does not fit {output}: {exc}"
-            await self._reply_error(
-                delivery, reason=_codec.Reasons.INVALID_RESULT, error=error, exc=exc
-            )
-            await self._dead_letter(
+            await self._fail(
                 queue, delivery, reason=_codec.Reasons.INVALID_RESULT, error=error, exc=exc
             )
             return False
         await self._send_reply(delivery, reply)
         return True
+
+    async def _fail(
+        self,
+        queue: str,
+        delivery: IncomingDelivery,
+        *,
+        reason: str,
+        error: str,
+        exc: BaseException,
+        answer: str | None = None,
+        decoded: bool = True,
+    ) -> None:
+        """Answer a waiting caller with why its request failed, then dead-letter the delivery.
+
+        `answer` is what the caller reads (default: `error`). A delivery that was never
+        `decoded` gets no traceback in the reply and no exception details on its dead letter.
+        """
+        await self._reply_error(
+            delivery,
+            reason=reason,
+            error=error if answer is None else answer,
+            exc=exc,
+            traceback=decoded,
+        )
+        await self._dead_letter(
+            queue, delivery, reason=reason, error=error, exc=exc if decoded else None
+        )
 
     async def _reply_error(
         self,
