@@ -122,10 +122,37 @@ def encode_task(
 
 
 def header_text(value: Any) -> str | None:
-    """A header value as text (AMQP long strings may arrive as bytes)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return None if value is None else str(value)
+    """A header value as text, whatever its AMQP type; never raises.
+
+    AMQP long strings arrive as `bytes` (or `bytearray` from some clients); invalid UTF-8 is
+    replaced, and a value whose `str()` fails reads as its type name.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value
+    try:
+        text = str(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+    return text if isinstance(text, str) else f"<{type(value).__name__}>"
+
+
+def header_int(value: Any, default: int | None = None) -> int | None:
+    """A header value as an integer (an int, or digits as text or bytes), else `default`."""
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value
+    text = header_text(value)
+    if text is None:
+        return default
+    try:
+        return int(text.strip())
+    except ValueError:
+        return default
 
 
 def decode_task(
