@@ -210,7 +210,7 @@ def worker(
             loop.add_signal_handler(signum, stop.set)
         metrics = server = None
         if metrics_port is not None:
-            metrics = WorkerMetrics()
+            metrics = WorkerMetrics(app)
             port = metrics_port + _supervisor.slot()
             try:
                 server = MetricsServer(metrics, port)

@@ -5,51 +5,125 @@ Served from a small thread of its own, so a busy or blocked event loop still ans
     GET /metrics   Prometheus text format
     GET /health    200 while the broker connection is up (or lost for less than the grace
                    period), 503 once it has been lost and not restored for longer
+
+Label values come from fixed sets only: a task name that is none of the app's contracts is
+counted as `unknown`, a dead-letter reason amqtask does not define as `other`. Anyone who can
+publish to a work queue can invent task names; a label value per name would grow the worker's
+memory and every scrape without bound.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+from amqtask._codec import Reasons
+
+if TYPE_CHECKING:
+    from amqtask._app import App
 
 DEFAULT_HEALTH_GRACE = 10.0  # seconds a reconnect may take before the worker reports unhealthy
+UNKNOWN_TASK = "unknown"  # the task label of a name that is none of the app's contracts
+OTHER_REASON = "other"  # the reason label of a reason amqtask does not define
+_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class BoundedLabels(Generic[M]):
+    """A labelled metric whose label values come from fixed sets.
+
+    `labels(*values)` takes one value per label, as prometheus_client's does; a value outside its
+    label's set is replaced by that label's fallback, so the metric never has more children than
+    the sets allow.
+    """
+
+    def __init__(self, metric: M, *allowed: tuple[Collection[str], str]) -> None:
+        self.metric = metric
+        self._allowed = allowed  # per label: (the values kept, the fallback for the rest)
+
+    def labels(self, *values: str | None) -> M:
+        kept = [
+            value if value in known else fallback
+            for value, (known, fallback) in zip(values, self._allowed, strict=True)
+        ]
+        return self.metric.labels(*kept)
+
+
+def _reasons() -> frozenset[str]:
+    """Every reason code amqtask writes to a dead letter's `amqtask-reason` header."""
+    return frozenset(
+        value
+        for name, value in vars(Reasons).items()
+        if not name.startswith("_") and isinstance(value, str)
+    )
 
 
 class WorkerMetrics:
-    """The worker's counters, histogram and gauges, on a registry of their own."""
+    """The worker's counters, histogram and gauges, on a registry of their own.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    Task labels are the names of `app`'s contracts, or `unknown`; reason labels are amqtask's
+    reason codes, or `other` (see the module's docstring).
+    """
+
+    def __init__(self, app: App, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.received = Counter("amqtask_tasks_received", "Deliveries taken", ["task"], registry=r)
-        self.succeeded = Counter(
-            "amqtask_tasks_succeeded", "Tasks whose handler returned", ["task"], registry=r
+        task = (frozenset(contract.name for contract in app.contracts), UNKNOWN_TASK)
+        reason = (_reasons(), OTHER_REASON)
+        self.received = BoundedLabels(
+            Counter("amqtask_tasks_received", "Deliveries taken", ["task"], registry=r), task
         )
-        self.failed = Counter(
-            "amqtask_tasks_failed", "Handler runs that raised (each attempt)", ["task"], registry=r
+        self.succeeded = BoundedLabels(
+            Counter(
+                "amqtask_tasks_succeeded", "Tasks whose handler returned", ["task"], registry=r
+            ),
+            task,
         )
-        self.retried = Counter(
-            "amqtask_tasks_retried",
-            "Retries scheduled through the delay levels",
-            ["task"],
-            registry=r,
+        self.failed = BoundedLabels(
+            Counter(
+                "amqtask_tasks_failed",
+                "Handler runs that raised (each attempt)",
+                ["task"],
+                registry=r,
+            ),
+            task,
         )
-        self.dead_lettered = Counter(
-            "amqtask_tasks_dead_lettered",
-            "Messages sent to a dead-letter queue",
-            ["task", "reason"],
-            registry=r,
+        self.retried = BoundedLabels(
+            Counter(
+                "amqtask_tasks_retried",
+                "Retries scheduled through the delay levels",
+                ["task"],
+                registry=r,
+            ),
+            task,
         )
-        self.duration = Histogram(
-            "amqtask_task_duration_seconds",
-            "Handler duration",
-            ["task"],
-            registry=r,
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        self.dead_lettered = BoundedLabels(
+            Counter(
+                "amqtask_tasks_dead_lettered",
+                "Messages sent to a dead-letter queue",
+                ["task", "reason"],
+                registry=r,
+            ),
+            task,
+            reason,
+        )
+        self.duration = BoundedLabels(
+            Histogram(
+                "amqtask_task_duration_seconds",
+                "Handler duration",
+                ["task"],
+                registry=r,
+                buckets=_DURATION_BUCKETS,
+            ),
+            task,
         )
         self.in_flight = Gauge("amqtask_tasks_in_flight", "Handlers running now", registry=r)
         self.prefetch = Gauge(
@@ -62,20 +136,19 @@ class WorkerMetrics:
 
     def outcome(self, outcome: str, task: str | None, seconds: float, reason: str | None) -> None:
         """Record one delivery's end, as the worker logs it."""
-        label = task or "unknown"
         if outcome == "succeeded":
-            self.succeeded.labels(label).inc()
-            self.duration.labels(label).observe(seconds)
+            self.succeeded.labels(task).inc()
+            self.duration.labels(task).observe(seconds)
         elif outcome == "retried":
-            self.failed.labels(label).inc()
-            self.retried.labels(label).inc()
-            self.duration.labels(label).observe(seconds)
+            self.failed.labels(task).inc()
+            self.retried.labels(task).inc()
+            self.duration.labels(task).observe(seconds)
         elif outcome == "failed":
-            self.failed.labels(label).inc()
-            self.dead_lettered.labels(label, reason or "handler_error").inc()
-            self.duration.labels(label).observe(seconds)
+            self.failed.labels(task).inc()
+            self.dead_lettered.labels(task, reason or Reasons.HANDLER_ERROR).inc()
+            self.duration.labels(task).observe(seconds)
         elif outcome == "rejected":
-            self.dead_lettered.labels(label, reason or "rejected").inc()
+            self.dead_lettered.labels(task, reason or Reasons.REJECTED).inc()
 
     def set_connected(self, up: bool) -> None:
         self.connected.set(1 if up else 0)

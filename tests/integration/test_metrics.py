@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import socket
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
+import aio_pika
+from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 import amqtask
@@ -55,7 +59,7 @@ async def test_metrics_move_as_tasks_run_and_health_follows_the_connection(
             raise RuntimeError("always fails")
 
     await app.declare()
-    metrics = WorkerMetrics()
+    metrics = WorkerMetrics(app)
     server = MetricsServer(metrics, 0, host="127.0.0.1", health_grace=1.0)
     server.start()
     worker = amqtask.Worker(app, amqtask.WorkerSettings(concurrency=4), metrics=metrics)
@@ -134,6 +138,69 @@ async def test_the_worker_command_serves_metrics_on_the_port_given(
 
         await wait_for(scraped)
         assert await health_is(port, 200)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(worker.wait(), 30)
+    assert worker.returncode == 0
+
+
+def total(text: str, name: str) -> float:
+    """The sum of a metric's samples over all its label values."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
+    )
+
+
+def label_values(text: str, label: str) -> set[str]:
+    """Every value `label` takes in a Prometheus scrape."""
+    return set(re.findall(rf'{label}="([^"]*)"', text))
+
+
+async def test_task_names_a_publisher_invents_do_not_grow_the_scrape(
+    make_app: AppFactory, amqp: AbstractConnection, broker_url: str, unique: str, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:  # a free port for the worker to bind
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    job = amqtask.contract(f"{unique}.job", Job)
+    producer = make_app([job])
+    await producer.declare()
+    env = app_env(broker_url, unique, tmp_path / "record.txt", TEST_SLEEP="0")
+    worker = await start_worker(
+        "tests.integration.apps.slow_app:app", "--metrics-port", str(port), env=env
+    )
+    try:
+        async with amqp.channel() as channel:
+            for n in range(200):
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        b'{"n": 1}',
+                        headers={"amqtask-task": f"{unique}.made-up-{n}-{uuid.uuid4().hex}"},
+                    ),
+                    routing_key=job.queue,
+                )
+        async with producer:
+            await producer.send(job, Job(n=1))
+
+        async def all_counted() -> bool:
+            try:
+                status, text = await asyncio.to_thread(fetch, port, "/metrics")
+            except urllib.error.URLError:
+                return False  # not serving yet
+            return (
+                status == 200
+                and total(text, "amqtask_tasks_received_total") == 201
+                and total(text, "amqtask_tasks_dead_lettered_total") == 200
+            )
+
+        await wait_for(all_counted, timeout=30)
+        text = (await asyncio.to_thread(fetch, port, "/metrics"))[1]
+        assert label_values(text, "task") == {job.name, "unknown"}
+        assert label_values(text, "reason") == {"unknown_task"}
+        dead = 'amqtask_tasks_dead_lettered_total{reason="unknown_task",task="unknown"}'
+        assert sample(text, dead) == 200
+        assert sample(text, f'amqtask_tasks_received_total{{task="{job.name}"}}') == 1
+        assert len(text) < 20_000  # a label value per invented name made it about 100 KB
     finally:
         worker.send_signal(signal.SIGTERM)
         await asyncio.wait_for(worker.wait(), 30)
