@@ -377,33 +377,54 @@ def dlq() -> None:
     """
 
 
+def _printable(text: str) -> str:
+    """`text` on one line, control characters escaped: a dead letter's headers and body come
+    from whoever published it, and must not move the cursor or clear an operator's terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 @dlq.command("list")
 @click.argument("app_path", metavar="APP")
 @click.argument("task")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def dlq_list(app_path: str, task: str, limit: int, as_json: bool) -> None:
-    """Show the count and, per message: id, reason, attempts, first failure. Removes nothing."""
+    """Show the count and, per message: id, reason of its last death, attempts, first failure,
+    error, body size and the first 1 KiB of its body. Removes nothing.
+
+    Messages are read and printed one at a time, so large dead letters list in bounded memory.
+    """
     app = load_app(app_path)
     contract = _task(app, task)
+    queue = f"{contract.queue}.dead"
 
     async def work() -> None:
-        count, letters = await _dead_letters.list_dead_letters(app, contract, limit=limit)
-        if as_json:
-            payload = {
-                "queue": f"{contract.queue}.dead",
-                "count": count,
-                "messages": [letter.to_dict() for letter in letters],
-            }
-            click.echo(orjson.dumps(payload).decode())
-            return
-        click.echo(f"{count} dead letter(s) in {contract.queue}.dead")
-        for letter in letters:
-            click.echo(
-                f"{letter.message_id}  {letter.task or '?'}  reason={letter.reason}  "
-                f"attempts={letter.attempts if letter.attempts is not None else '-'}  "
-                f"first_failed={letter.first_failed_at or '-'}\n    {letter.error or ''}"
-            )
+        async with _dead_letters.browse_dead_letters(app, contract, limit=limit) as (count, each):
+            if as_json:
+                # One JSON document, written a message at a time.
+                head = orjson.dumps({"queue": queue, "count": count}).decode()
+                click.echo(head[:-1] + ',"messages":[', nl=False)
+                first = True
+                async for letter in each:
+                    text = orjson.dumps(letter.to_dict()).decode()
+                    click.echo(("" if first else ",") + text, nl=False)
+                    first = False
+                click.echo("]}")
+                return
+            click.echo(f"{count} dead letter(s) in {queue}")
+            async for letter in each:
+                attempts = letter.attempts if letter.attempts is not None else "-"
+                more = "..." if letter.body_truncated else ""
+                body = letter.body_preview.decode("utf-8", "replace")
+                error = letter.error or ""
+                click.echo(
+                    _printable(
+                        f"{letter.message_id}  {letter.task or '?'}  reason={letter.reason}  "
+                        f"attempts={attempts}  first_failed={letter.first_failed_at or '-'}"
+                    )
+                    + "".join(f"\n    {_printable(line)}" for line in error.splitlines())
+                    + f"\n    body ({letter.body_size} bytes): {_printable(body)}{more}"
+                )
 
     _run(app, work)
 

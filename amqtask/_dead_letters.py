@@ -1,18 +1,28 @@
 """Operator tools for a work queue's dead-letter queue: list, replay, purge.
 
+Listing takes one message at a time and keeps only a preview of its body (and its size), so
+dead letters of any size and number list in bounded memory. Nothing is acked: the messages return
+to the queue, in order, when the channel closes.
+
 Replay publishes each message back to its work queue and waits for the broker's confirm before it
 acks (removes) the dead letter, so a crash mid-replay can duplicate a message but never lose one.
+
+Both read headers defensively: a dead letter is often the message that was malformed in the first
+place, and one bad header must not stop the tool for the whole queue. Any value of any AMQP type
+shows as text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import struct
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import aiormq.exceptions
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 
 from amqtask import _codec
 from amqtask._app import App
@@ -32,39 +42,76 @@ _FAILURE_HEADERS = (
     _codec.ATTEMPT,
 )
 
+PREVIEW_BYTES = 1024  # how much of each body a listing keeps and shows
+_MAX_TEXT = 4000  # characters kept of a header's text (amqtask writes errors up to this length)
+_MAX_NAME = 256  # characters kept of a task name or a timestamp: longer is not one of ours
+
+
+def _clip(text: str | None, limit: int) -> str | None:
+    return text if text is None or len(text) <= limit else text[:limit] + "..."
+
+
+def last_death_reason(headers: Mapping[str, Any]) -> str | None:
+    """Why the message died the last time: amqtask's `amqtask-reason`, else the broker's.
+
+    The broker's `x-death` lists one entry per queue and reason, the newest first. Its
+    `x-first-death-reason` is not the answer: for a task that waited in a delay level before it
+    was rejected, that is `expired`.
+    """
+    reason = _codec.header_text(headers.get(_codec.REASON))
+    if reason:
+        return reason
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+        return _codec.header_text(deaths[0].get("reason"))
+    return None
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """One dead-lettered message as an operator sees it."""
+    """One dead-lettered message as an operator sees it: its headers as text, clipped, and the
+    first `PREVIEW_BYTES` of its body with the body's size."""
 
     message_id: str | None
     task: str | None
     reason: str | None
     error: str | None
-    attempts: int | None
+    attempts: int | str | None  # the header's text when it is not a number
     first_failed_at: str | None
     failed_at: str | None
-    body: bytes
+    body_size: int
+    body_preview: bytes
 
     @classmethod
-    def of(cls, message: AbstractIncomingMessage) -> DeadLetter:
-        headers: dict[str, Any] = dict(message.headers or {})
-        text = _codec.header_text
-        # A message the broker itself dead-lettered (expired, delivery limit) has x-death only.
-        reason = text(headers.get(_codec.REASON)) or text(headers.get("x-first-death-reason"))
-        attempts = headers.get(_codec.ATTEMPT)
+    def of(cls, message: _codec.Delivery, *, preview: int = PREVIEW_BYTES) -> DeadLetter:
+        """Read `message`; never raises, whatever its headers hold."""
+        raw = message.headers
+        headers: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+
+        def text(name: str, limit: int = _MAX_NAME) -> str | None:
+            return _clip(_codec.header_text(headers.get(name)), limit)
+
+        attempts: int | str | None = _codec.header_int(headers.get(_codec.ATTEMPT))
+        if attempts is None:
+            attempts = text(_codec.ATTEMPT)
         return cls(
-            message_id=message.message_id,
-            task=text(headers.get(_codec.TASK)),
-            reason=reason,
-            error=text(headers.get(_codec.ERROR)),
-            attempts=int(attempts) if attempts is not None else None,
-            first_failed_at=text(headers.get(_codec.FIRST_FAILED_AT)),
-            failed_at=text(headers.get(_codec.FAILED_AT)),
-            body=message.body,
+            message_id=_clip(_codec.header_text(message.message_id), _MAX_NAME),
+            task=text(_codec.TASK),
+            reason=_clip(last_death_reason(headers), _MAX_NAME),
+            error=text(_codec.ERROR, _MAX_TEXT),
+            attempts=attempts,
+            first_failed_at=text(_codec.FIRST_FAILED_AT),
+            failed_at=text(_codec.FAILED_AT),
+            body_size=len(message.body),
+            body_preview=bytes(message.body[:preview]),
         )
 
+    @property
+    def body_truncated(self) -> bool:
+        return self.body_size > len(self.body_preview)
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; `body` is the preview as text (invalid UTF-8 replaced)."""
         return {
             "message_id": self.message_id,
             "task": self.task,
@@ -73,8 +120,36 @@ class DeadLetter:
             "attempts": self.attempts,
             "first_failed_at": self.first_failed_at,
             "failed_at": self.failed_at,
-            "body": self.body.decode("utf-8", "replace"),
+            "body": self.body_preview.decode("utf-8", "replace"),
+            "body_size": self.body_size,
+            "body_truncated": self.body_truncated,
         }
+
+
+# Headers the broker adds when it dead-letters: a replayed message starts afresh without them.
+_BROKER_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
+
+
+def _sendable(value: Any) -> Any:
+    """A header value as it was received, in a form the client can encode again.
+
+    pamqp decodes a long string that is not UTF-8 as `bytes`, which it cannot encode: it goes back
+    as a byte array, byte for byte. It encodes every float as a 32-bit float: a double beyond that
+    range goes back as its text rather than failing the replay.
+    """
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, float):
+        try:
+            struct.pack(">f", value)
+        except (OverflowError, struct.error):
+            return repr(value)
+        return value
+    if isinstance(value, dict):
+        return {key: _sendable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_sendable(item) for item in value]
+    return value
 
 
 async def _dead_letter_queue(
@@ -87,24 +162,43 @@ async def _dead_letter_queue(
         raise TopologyMissing([f"queue {name!r}"]) from None
 
 
-async def list_dead_letters(
-    app: App, contract: Contract[Any, Any], *, limit: int = 100
-) -> tuple[int, list[DeadLetter]]:
-    """The dead-letter queue's message count and up to `limit` of its messages. Removes nothing."""
+@asynccontextmanager
+async def browse_dead_letters(
+    app: App, contract: Contract[Any, Any], *, limit: int = 100, preview: int = PREVIEW_BYTES
+) -> AsyncIterator[tuple[int, AsyncIterator[DeadLetter]]]:
+    """The dead-letter queue's message count, and its first `limit` messages one at a time.
+
+    Only the message being read is in memory in full; each yields a `DeadLetter` holding
+    `preview` bytes of its body. Removes nothing: the messages go back to the queue, in order,
+    when the block ends.
+    """
     connection = await aio_pika.connect(app.url)
     async with connection:
         channel = await connection.channel()
         queue = await _dead_letter_queue(channel, contract)
         count = queue.declaration_result.message_count or 0
-        letters = []
-        for _ in range(min(limit, count)):
-            message = await queue.get(fail=False)
-            if message is None:
-                break
-            letters.append(DeadLetter.of(message))
+
+        async def letters() -> AsyncIterator[DeadLetter]:
+            for _ in range(min(limit, count)):
+                # basic.get without ack: the message stays unacked on this channel, the next get
+                # returns the one after it, and none of their bodies is kept here.
+                message = await queue.get(fail=False)
+                if message is None:
+                    return
+                yield DeadLetter.of(message, preview=preview)
+
+        yield count, letters()
         # Nothing is acked: closing the channel returns every message to the queue, in order.
         await channel.close()
-    return count, letters
+
+
+async def list_dead_letters(
+    app: App, contract: Contract[Any, Any], *, limit: int = 100, preview: int = PREVIEW_BYTES
+) -> tuple[int, list[DeadLetter]]:
+    """The dead-letter queue's message count and up to `limit` of its messages, each with a
+    `preview` of its body. Removes nothing."""
+    async with browse_dead_letters(app, contract, limit=limit, preview=preview) as (count, each):
+        return count, [letter async for letter in each]
 
 
 async def replay(
@@ -130,9 +224,9 @@ async def replay(
             if ids is not None and message.message_id not in ids:
                 continue  # left unacked: back in the queue when the channel closes
             headers = {
-                key: value
+                key: _sendable(value)
                 for key, value in (message.headers or {}).items()
-                if key not in _FAILURE_HEADERS and not key.startswith(("x-death", "x-first-death"))
+                if key not in _FAILURE_HEADERS and not key.startswith(_BROKER_DEATH_HEADERS)
             }
             try:
                 # Straight to the work queue through the default exchange: not to other queues
