@@ -89,7 +89,8 @@ def cli() -> None:
 def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
     """Create the exchanges, queues and bindings APP's contracts need.
 
-    Prints the plan (each entity: missing, up-to-date or conflict), then creates what is missing.
+    Prints the plan (each entity: missing, up-to-date or conflict), then creates what is missing
+    and removes bindings an earlier amqtask declared that must go (shown as removed).
     Idempotent. A conflict (an entity that exists with another type or arguments) changes
     nothing and exits 1, naming the entity, the argument and both values.
 
@@ -113,6 +114,8 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
             if applied:
                 created = len(plan.missing)
                 click.echo(f"applied: created {created}" if created else "nothing to create")
+                if plan.to_remove:
+                    click.echo(f"removed {len(plan.to_remove)} retired binding(s) where present")
         if plan.conflicts:
             click.echo(f"error: {TopologyConflict(plan.conflicts)}", err=True)
             return 1

@@ -7,14 +7,18 @@ Two sources, one report:
   deliveries and publish/deliver counts are not visible over AMQP: without the management API
   they are reported as unknown (null), never as 0.
 * **The management HTTP API** (`GET /api/queues/{vhost}/{name}`, the `rabbitmq_management`
-  plugin), when given: adds unacked counts and the broker's publish and deliver counters and
-  rates. The broker refreshes these statistics every few seconds (`collect_statistics_interval`,
-  5 s by default; a new quorum queue may take longer to show any), so they lag behind AMQP's
-  counts. Unreachable, it is skipped with a warning.
+  plugin), when given: adds unacked counts, the messages held in dead-letter hand-over, and the
+  broker's publish and deliver counters and rates. The broker refreshes these statistics every
+  few seconds (`collect_statistics_interval`, 5 s by default; a new quorum queue may take longer
+  to show any), so they lag behind AMQP's counts. Unreachable, it is skipped with a warning.
 
 Delayed messages wait in the namespace's delay levels, shared by all its tasks; their sum is
-reported once. With `--watch`, rates come from successive samples: in and out (msgs/s) from the
-management counters, and the net change of the backlog from either source.
+reported once. Those whose delay is over wait in their work queue's due queue, reported per task.
+A quorum queue that dead-letters at least once (work queues, due queues, delay levels) keeps each
+message until its target confirmed it: a target that refuses (full) or cannot answer (no leader)
+leaves messages in this hand-over, counted in neither ready nor unacked. With `--watch`, rates
+come from successive samples: in and out (msgs/s) from the management counters, and the net
+change of the backlog from either source.
 """
 
 from __future__ import annotations
@@ -39,9 +43,12 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from amqtask._app import App
 from amqtask._asyncapi import vhost_of
 from amqtask._contract import Contract
-from amqtask.routing import DELAY_LEVELS, Names, dead_letter_queue_name
+from amqtask.routing import DELAY_LEVELS, Names, dead_letter_queue_name, due_queue_name
 
-UNKNOWN_OVER_AMQP = "unacked and in/out rates need the management API (--management-url)"
+UNKNOWN_OVER_AMQP = (
+    "unacked, dead-letter hand-over (dl-pending) and in/out rates need the management API "
+    "(--management-url)"
+)
 
 
 class Source(StrEnum):
@@ -62,6 +69,9 @@ class QueueStats:
     delivered: int | None = None  # cumulative deliveries and basic.gets (`deliver_get`)
     publish_rate: float | None = None  # the broker's own rates (msgs/s)
     deliver_rate: float | None = None
+    # Dead-lettered at least once but not yet confirmed by the target (quorum queues): neither
+    # ready nor unacked, invisible over AMQP.
+    dead_letter_pending: int | None = None
 
     @property
     def messages(self) -> int | None:
@@ -89,10 +99,11 @@ def delay_queues(names: Names) -> tuple[str, ...]:
 
 
 def queues_of(contracts: Iterable[Contract[Any, Any]], names: Names) -> tuple[str, ...]:
-    """Work queues, their dead-letter queues and the delay levels, each once."""
+    """Work queues, their due and dead-letter queues, and the delay levels, each once."""
     wanted: dict[str, None] = {}
     for contract in sorted(contracts, key=lambda c: (c.name, c.version)):
         wanted[contract.queue] = None
+        wanted[due_queue_name(contract.queue)] = None
         wanted[dead_letter_queue_name(contract.queue)] = None
     wanted.update(dict.fromkeys(delay_queues(names)))
     return tuple(wanted)
@@ -116,6 +127,21 @@ def _rate(stats: Mapping[str, Any], key: str) -> float | None:
     return None
 
 
+def _dead_letter_pending(payload: Mapping[str, Any]) -> int | None:
+    """Messages held in dead-letter hand-over: RabbitMQ 3.10 reports `messages_dlx` for quorum
+    queues; otherwise what `messages` holds beyond ready and unacked (0 for a classic queue,
+    which dead-letters at once, at most once)."""
+    reported = _int(payload.get("messages_dlx"))
+    if reported is not None:
+        return reported
+    total, ready, unacked = (
+        _int(payload.get(key)) for key in ("messages", "messages_ready", "messages_unacknowledged")
+    )
+    if total is None or ready is None or unacked is None:
+        return None
+    return max(total - ready - unacked, 0)
+
+
 def parse_management_queue(name: str, payload: Mapping[str, Any]) -> QueueStats:
     """A queue from the management API's JSON (`GET /api/queues/{vhost}/{name}`).
 
@@ -128,6 +154,7 @@ def parse_management_queue(name: str, payload: Mapping[str, Any]) -> QueueStats:
         exists=True,
         ready=_int(payload.get("messages_ready")),
         unacked=_int(payload.get("messages_unacknowledged")),
+        dead_letter_pending=_dead_letter_pending(payload),
         consumers=_int(payload.get("consumers")),
         published=_int(stats.get("publish", 0)),
         delivered=_int(stats.get("deliver_get", 0)),
@@ -198,12 +225,14 @@ class Management:
 
 def merge(amqp: QueueStats, management: QueueStats | None) -> QueueStats:
     """AMQP's current existence, ready and consumer counts, with the management API's unacked
-    count, counters and rates (which lag by the broker's statistics interval)."""
+    and dead-letter hand-over counts, counters and rates (which lag by the broker's statistics
+    interval)."""
     if management is None or not management.exists or not amqp.exists:
         return amqp
     return replace(
         amqp,
         unacked=management.unacked,
+        dead_letter_pending=management.dead_letter_pending,
         published=management.published,
         delivered=management.delivered,
         publish_rate=management.publish_rate,
@@ -316,19 +345,33 @@ def rates(
     }
 
 
+def _pending(queues: Iterable[QueueStats]) -> int | None:
+    """Messages held in dead-letter hand-over by the existing `queues`; None if unknown."""
+    counts = [queue.dead_letter_pending for queue in queues if queue.exists]
+    if not counts or any(count is None for count in counts):
+        return None
+    return sum(count for count in counts if count is not None)
+
+
 def report(
     contracts: Iterable[Contract[Any, Any]],
     names: Names,
     sample: Sample,
     previous: Sample | None = None,
 ) -> dict[str, Any]:
-    """The JSON form of `amqtask status`: one row per contract, the delay levels, warnings."""
+    """The JSON form of `amqtask status`: one row per contract, the delay levels, warnings.
+
+    Unknown numbers are None (null), never 0: over AMQP alone, unacked counts, dead-letter
+    hand-over and in/out rates.
+    """
     seconds = sample.taken_at - previous.taken_at if previous is not None else None
     rows = []
     for contract in sorted(contracts, key=lambda c: (c.name, c.version)):
         queue = sample.queues.get(contract.queue) or QueueStats(contract.queue, exists=False)
         dead_name = dead_letter_queue_name(contract.queue)
         dead = sample.queues.get(dead_name) or QueueStats(dead_name, exists=False)
+        due_name = due_queue_name(contract.queue)
+        due = sample.queues.get(due_name) or QueueStats(due_name, exists=False)
         before = previous.queues.get(contract.queue) if previous is not None else None
         rows.append(
             {
@@ -338,10 +381,14 @@ def report(
                 "queue_type": contract.queue_type.value,
                 "exists": queue.exists,
                 "ready": queue.ready,
+                "due_queue": due_name,
+                # Delayed sends and retries whose delay is over, waiting for a worker.
+                "due": due.ready,
                 "unacked": queue.unacked,
                 "consumers": queue.consumers,
                 "dead_letter_queue": dead_name,
                 "dead_letters": dead.messages,
+                "dead_letter_pending": _pending((queue, due)) if queue.exists else None,
                 "rates": rates(before, queue, seconds)
                 if queue.exists
                 else {"in": None, "out": None, "net": None},
@@ -361,6 +408,7 @@ def report(
         "tasks": rows,
         "delayed": {
             "messages": sum(level.messages or 0 for level in present) if present else None,
+            "dead_letter_pending": _pending(present),
             "levels": len(levels),
             "missing_levels": missing,
         },
@@ -378,7 +426,19 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-_HEADERS = ("task", "queue", "ready", "unacked", "consumers", "dead", "in/s", "out/s", "net/s")
+_HEADERS = (
+    "task",
+    "queue",
+    "ready",
+    "due",
+    "unacked",
+    "consumers",
+    "dead",
+    "dl-pending",
+    "in/s",
+    "out/s",
+    "net/s",
+)
 
 
 def render(data: Mapping[str, Any]) -> str:
@@ -390,7 +450,7 @@ def render(data: Mapping[str, Any]) -> str:
     for row in data["tasks"]:
         subject = f"{row['task']} v{row['version']}"
         if not row["exists"]:
-            rows.append((subject, row["queue"], "missing", "", "", "", "", "", ""))
+            rows.append((subject, row["queue"], "missing", *[""] * (len(_HEADERS) - 3)))
             missing.append(row["queue"])
             continue
         r = row["rates"]
@@ -399,9 +459,11 @@ def render(data: Mapping[str, Any]) -> str:
                 subject,
                 row["queue"],
                 _cell(row["ready"]),
+                _cell(row["due"]),
                 _cell(row["unacked"]),
                 _cell(row["consumers"]),
                 _cell(row["dead_letters"]),
+                _cell(row["dead_letter_pending"]),
                 "-" if r["in"] is None else _cell(r["in"]),
                 "-" if r["out"] is None else _cell(r["out"]),
                 "-" if r["net"] is None else _cell(r["net"]),
@@ -423,6 +485,10 @@ def render(data: Mapping[str, Any]) -> str:
             f"delayed: {delayed['messages']} message(s) in the delay levels of "
             f"{data['namespace']!r} (all tasks)"
             + (f"; {gaps} of {delayed['levels']} levels missing" if gaps else "")
+        )
+        lines.append(
+            f"dl-pending in the delay levels: {_cell(delayed['dead_letter_pending'])} "
+            "(expired, not yet accepted by the next level or a due queue)"
         )
     if missing:
         lines.append(f"missing queue(s): {', '.join(missing)}: run amqtask declare")

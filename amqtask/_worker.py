@@ -36,7 +36,7 @@ from amqtask._contract import Contract
 from amqtask._exceptions import AmqtaskError, DecodeError, Reject
 from amqtask._metrics import WorkerMetrics
 from amqtask._transport import SETTLE_ERRORS, IncomingDelivery, Subscription
-from amqtask.routing import delay_routing_key, delay_seconds
+from amqtask.routing import delay_routing_key, delay_seconds, due_queue_name
 
 log = structlog.get_logger("amqtask.worker")
 
@@ -93,9 +93,18 @@ class Worker:
 
     @property
     def queues(self) -> tuple[str, ...]:
-        return tuple(
-            dict.fromkeys(handler.contract.queue for handler in self.app.handlers.values())
-        )
+        """Every queue this worker consumes: each handled work queue, then its due queue."""
+        return tuple(self._work_queue_of)
+
+    @property
+    def _work_queue_of(self) -> dict[str, str]:
+        """Each consumed queue and the work queue whose tasks it holds.
+
+        A due queue holds the work queue's delayed sends and retries: they run with the same
+        handlers and are retried and dead-lettered under the work queue's name.
+        """
+        work = dict.fromkeys(handler.contract.queue for handler in self.app.handlers.values())
+        return {source: queue for queue in work for source in (queue, due_queue_name(queue))}
 
     async def start(self) -> None:
         """Connect, check the queues exist, and start consuming.
@@ -105,9 +114,9 @@ class Worker:
         prefetch = self.settings.effective_prefetch
         try:
             await self.app.connect(queues=self.queues)
-            for queue in self.queues:
+            for source, queue in self._work_queue_of.items():
                 subscription = await self.app.transport.consume(
-                    queue, self._consumer(queue), prefetch=prefetch
+                    source, self._consumer(queue), prefetch=prefetch
                 )
                 self._subscriptions.append(subscription)
         except BaseException:

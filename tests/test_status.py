@@ -119,6 +119,7 @@ def test_a_queue_is_read_from_the_management_api(stub_url: str) -> None:
         delivered=33,
         publish_rate=1.5,
         deliver_rate=1.25,
+        dead_letter_pending=0,
     )
     assert stats.messages == 7
     assert management.queue("/", "gone") == QueueStats("gone", exists=False)
@@ -167,26 +168,43 @@ def test_a_new_quorum_queue_without_statistics_yet_is_unknown_not_zero() -> None
     assert (stats.ready, stats.unacked, stats.consumers) == (None, None, None)
 
 
+def test_messages_in_dead_letter_hand_over_are_read_from_messages_dlx() -> None:
+    # RabbitMQ 3.10, a quorum level whose dead-letter target refuses: 37 held, none ready.
+    stuck = {"messages": 37, "messages_ready": 0, "messages_unacknowledged": 0, "messages_dlx": 37}
+
+    assert parse_management_queue("q", stuck).dead_letter_pending == 37
+
+
+def test_without_messages_dlx_the_hand_over_is_what_messages_holds_beyond_ready_and_unacked() -> (
+    None
+):
+    payload = {"messages": 9, "messages_ready": 5, "messages_unacknowledged": 1}
+
+    assert parse_management_queue("q", payload).dead_letter_pending == 3
+    assert parse_management_queue("q", {"messages_ready": 5}).dead_letter_pending is None
+
+
 def test_merge_keeps_amqp_counts_and_adds_the_management_numbers() -> None:
     amqp = QueueStats("jobs", exists=True, ready=6, consumers=2)
-    management = parse_management_queue("jobs", QUEUE_JSON)
+    management = parse_management_queue("jobs", {**QUEUE_JSON, "messages_dlx": 4})
 
     merged = merge(amqp, management)
 
     assert (merged.ready, merged.consumers, merged.unacked) == (6, 2, 2)
+    assert merged.dead_letter_pending == 4
     assert (merged.published, merged.delivered, merged.publish_rate) == (40, 33, 1.5)
     assert merge(amqp, QueueStats("jobs", exists=False)) == amqp
     missing = QueueStats("jobs", exists=False)
     assert merge(missing, management) == missing
 
 
-def test_status_looks_at_work_dead_letter_and_delay_queues_once() -> None:
+def test_status_looks_at_work_due_dead_letter_and_delay_queues_once() -> None:
     shared = amqtask.contract("jobs.again", Job, queue="jobs")
 
     queues = queues_of([JOB, shared, OTHER], NAMES)
 
-    assert queues[:4] == ("jobs", "jobs.dead", "other", "other.dead")
-    assert queues[4:] == tuple(f"ns.delay.{k}" for k in range(20))
+    assert queues[:6] == ("jobs", "jobs.due", "jobs.dead", "other", "other.due", "other.dead")
+    assert queues[6:] == tuple(f"ns.delay.{k}" for k in range(20))
 
 
 def amqp_sample(taken_at: float, **ready: int) -> Sample:
@@ -200,6 +218,7 @@ def amqp_sample(taken_at: float, **ready: int) -> Sample:
 def test_report_over_amqp_counts_and_says_what_it_cannot_know() -> None:
     queues: dict[str, QueueStats] = {
         "jobs": QueueStats("jobs", exists=True, ready=3, consumers=1),
+        "jobs.due": QueueStats("jobs.due", exists=True, ready=4, consumers=1),
         "jobs.dead": QueueStats("jobs.dead", exists=True, ready=2, consumers=0),
         "ns.delay.0": QueueStats("ns.delay.0", exists=True, ready=1, consumers=0),
         "ns.delay.4": QueueStats("ns.delay.4", exists=True, ready=2, consumers=0),
@@ -220,15 +239,25 @@ def test_report_over_amqp_counts_and_says_what_it_cannot_know() -> None:
         "queue_type": "quorum",
         "exists": True,
         "ready": 3,
+        "due_queue": "jobs.due",
+        "due": 4,
         "unacked": None,
         "consumers": 1,
         "dead_letter_queue": "jobs.dead",
         "dead_letters": 2,
+        # Over AMQP the dead-letter hand-over cannot be seen: unknown, never 0.
+        "dead_letter_pending": None,
         "rates": {"in": None, "out": None, "net": None},
     }
     assert other["exists"] is False
     assert other["ready"] is None
-    assert data["delayed"] == {"messages": 3, "levels": 20, "missing_levels": ["ns.delay.19"]}
+    assert (other["due"], other["dead_letter_pending"]) == (None, None)
+    assert data["delayed"] == {
+        "messages": 3,
+        "dead_letter_pending": None,
+        "levels": 20,
+        "missing_levels": ["ns.delay.19"],
+    }
     assert data["notes"] == [UNKNOWN_OVER_AMQP]
 
     text = render(data)
@@ -237,9 +266,11 @@ def test_report_over_amqp_counts_and_says_what_it_cannot_know() -> None:
         "task",
         "queue",
         "ready",
+        "due",
         "unacked",
         "consumers",
         "dead",
+        "dl-pending",
         "in/s",
         "out/s",
         "net/s",
@@ -249,9 +280,11 @@ def test_report_over_amqp_counts_and_says_what_it_cannot_know() -> None:
         "v1",
         "jobs",
         "3",
+        "4",
         "?",
         "1",
         "2",
+        "?",
         "-",
         "-",
         "-",
@@ -261,6 +294,7 @@ def test_report_over_amqp_counts_and_says_what_it_cannot_know() -> None:
         "delayed: 3 message(s) in the delay levels of 'ns' (all tasks); 1 of 20 levels missing"
         in text
     )
+    assert "dl-pending in the delay levels: ? " in text
     assert "missing queue(s): other: run amqtask declare" in text
     assert f"? {UNKNOWN_OVER_AMQP}" in text
 
@@ -301,3 +335,28 @@ def test_a_single_management_sample_shows_the_brokers_own_rates() -> None:
     stats = parse_management_queue("jobs", QUEUE_JSON)
 
     assert rates(None, stats, None) == {"in": 1.5, "out": 1.25, "net": 0.25}
+
+
+def test_the_management_api_shows_what_work_due_and_delay_queues_hold_in_hand_over() -> None:
+    def stats(name: str, ready: int, pending: int) -> QueueStats:
+        return QueueStats(
+            name, True, ready=ready, unacked=0, consumers=0, dead_letter_pending=pending
+        )
+
+    queues = {
+        "jobs": stats("jobs", 3, 1),
+        "jobs.due": stats("jobs.due", 2, 2),
+        "jobs.dead": stats("jobs.dead", 0, 0),
+        **{f"ns.delay.{k}": stats(f"ns.delay.{k}", 0, 0) for k in range(20)},
+    }
+    queues["ns.delay.0"] = stats("ns.delay.0", 1, 37)
+
+    data = report([JOB], NAMES, Sample(Source.MANAGEMENT, queues))
+
+    assert data["tasks"][0]["due"] == 2
+    assert data["tasks"][0]["dead_letter_pending"] == 3
+    assert data["delayed"]["messages"] == 1
+    assert data["delayed"]["dead_letter_pending"] == 37
+    text = render(data)
+    assert text.splitlines()[2].split()[3:10] == ["3", "2", "0", "0", "0", "3", "-"]
+    assert "dl-pending in the delay levels: 37 " in text

@@ -14,6 +14,7 @@ from amqtask.routing._names import (
     Names,
     dead_letter_queue_name,
     default_queue_name,
+    due_queue_name,
     routing_key,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "Names",
     "dead_letter_queue_name",
     "default_queue_name",
+    "due_queue_name",
     "routing_key",
 ]

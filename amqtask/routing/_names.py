@@ -6,9 +6,12 @@ The convention (also in the README):
     {queue}                  a contract's work queue (default: the task name, `.v{N}` from v2 on)
     {namespace}.dead         direct exchange for dead letters, routing key = the work queue's name
     {queue}.dead             the work queue's dead-letter queue
+    {queue}.due              the work queue's due queue: delayed sends and retries whose delay is
+                             over, consumed by the same workers; never bounded, so the delay
+                             levels' last hop is never refused (see `amqtask.topology._model`)
     {namespace}.delay.{k}    topic exchange and quorum queue of delay level k (TTL 2**k s),
                              k = 0..19; see `amqtask.routing._delay`
-    {namespace}.delay.deliver  topic exchange that hands delayed messages to their work queue
+    {namespace}.delay.deliver  topic exchange that hands delayed messages to their due queue
 
 `namespace` defaults to "amqtask"; apps that share a broker but must not share exchanges (tests,
 tenants) pick their own.
@@ -36,6 +39,11 @@ def default_queue_name(task: str, version: int) -> str:
 def dead_letter_queue_name(queue: str) -> str:
     """Dead-letter queue that collects what `queue` rejects."""
     return f"{queue}.dead"
+
+
+def due_queue_name(queue: str) -> str:
+    """Due queue of work queue `queue`: where its delayed sends and retries arrive."""
+    return f"{queue}.due"
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,8 +95,12 @@ async def observe(connection: AbstractConnection, topology: Topology) -> Plan:
 
 
 async def apply(connection: AbstractConnection, plan: Plan) -> None:
-    """Declare the plan's missing entities and re-assert its bindings.
+    """Declare the plan's missing entities, re-assert its bindings, then remove retired ones.
 
+    Retired bindings go last: until the bindings replacing them exist, a message they would
+    route could otherwise find no queue, and a dead-lettered message that finds none is dropped.
+    Unbinding is idempotent on RabbitMQ (3.10: a binding, queue or exchange that is absent
+    answers unbind-ok), so a retired binding that is already gone costs nothing.
     Raises `TopologyConflict` (changing nothing) when the plan holds a conflict.
     """
     if plan.conflicts:
@@ -114,6 +118,17 @@ async def apply(connection: AbstractConnection, plan: Plan) -> None:
                 )
             else:
                 await _declare(channel, entity, passive=False)
+        for binding in plan.to_remove:
+            if binding.to_exchange:
+                await raw.exchange_unbind(
+                    destination=binding.queue,
+                    source=binding.exchange,
+                    routing_key=binding.routing_key,
+                )
+            else:
+                await raw.queue_unbind(
+                    queue=binding.queue, exchange=binding.exchange, routing_key=binding.routing_key
+                )
 
 
 async def ensure_exists(

@@ -13,6 +13,7 @@ from amqtask.routing import (
     Names,
     dead_letter_queue_name,
     deliver_pattern,
+    due_queue_name,
     level_pattern,
     level_ttl_ms,
 )
@@ -104,12 +105,17 @@ Entity = Exchange | Queue | Binding
 
 @dataclass(frozen=True, slots=True)
 class Topology:
-    """Exchanges, queues and bindings, each once, in declaration order."""
+    """Exchanges, queues and bindings, each once, in declaration order.
+
+    `retired` are bindings an earlier version of amqtask declared and this one must not leave in
+    place: `declare` removes them. They are not among `entities`, which is what is wanted.
+    """
 
     exchanges: tuple[Exchange, ...] = ()
     queues: tuple[Queue, ...] = ()
     bindings: tuple[Binding, ...] = ()
     names: Names = field(default_factory=Names)
+    retired: tuple[Binding, ...] = ()
 
     @property
     def entities(self) -> tuple[Entity, ...]:
@@ -127,15 +133,39 @@ class Topology:
 
 def work_queue(contract: Contract[Any, Any], names: Names) -> Queue:
     """The work queue a contract needs, with its dead-letter routing and length limit."""
+    return Queue(
+        contract.queue, arguments=_consumed_arguments(contract, names, contract.max_length)
+    )
+
+
+def due_queue(contract: Contract[Any, Any], names: Names) -> Queue:
+    """The queue where a contract's delayed sends and retries arrive once their delay is over.
+
+    Like the work queue (type, dead-letter routing to the work queue's dead-letter queue,
+    delivery limit), but never bounded: the delay levels dead-letter into it at least once, and
+    a full target would make the level's dead-letter worker hold its messages, and every other
+    queue's behind them, until `dead_letter_worker_publisher_confirm_timeout` (180 s).
+    """
+    return Queue(
+        due_queue_name(contract.queue),
+        arguments=_consumed_arguments(contract, names, max_length=None),
+    )
+
+
+def _consumed_arguments(
+    contract: Contract[Any, Any], names: Names, max_length: int | None
+) -> Arguments:
+    """Arguments of a queue the contract's workers consume: its work queue or its due queue."""
     args: dict[str, ArgValue] = {
         "x-queue-type": contract.queue_type.value,
         "x-dead-letter-exchange": names.dead_letter_exchange,
+        # The work queue's name, also for its due queue: dead letters land in `{queue}.dead`.
         "x-dead-letter-routing-key": contract.queue,
     }
-    if contract.max_length is not None:
-        args["x-max-length"] = contract.max_length
+    if max_length is not None:
+        args["x-max-length"] = max_length
         args["x-overflow"] = contract.overflow.value
-    bounded_drop_head = contract.max_length is not None and contract.overflow is Overflow.DROP_HEAD
+    bounded_drop_head = max_length is not None and contract.overflow is Overflow.DROP_HEAD
     if contract.queue_type is QueueType.QUORUM:
         # Each crash of a worker before its ack is one redelivery: past the limit, the broker
         # dead-letters the message instead of feeding it to the next worker.
@@ -145,7 +175,7 @@ def work_queue(contract: Contract[Any, Any], names: Names) -> Queue:
         # the source queue until the dead-letter queue confirmed it, and needs reject-publish.
         args["x-dead-letter-strategy"] = "at-least-once"
         args["x-overflow"] = Overflow.REJECT_PUBLISH.value
-    return Queue(contract.queue, arguments=arguments(args))
+    return arguments(args)
 
 
 def dead_letter_queue(contract: Contract[Any, Any]) -> Queue:
@@ -187,25 +217,29 @@ def delay_levels(names: Names) -> tuple[list[Exchange], list[Queue], list[Bindin
 def derive(contracts: Iterable[Contract[Any, Any]], names: Names | None = None) -> Topology:
     """Compute every exchange, queue and binding the contracts need.
 
-    Raises `ContractError` when two contracts share a queue but disagree on its arguments.
+    Raises `ContractError` when two contracts share a queue but disagree on its arguments, or
+    when a contract's queue (or a queue derived from it) takes a name amqtask derives for
+    something else: another queue's due or dead-letter queue, or a delay level.
     """
     names = names or Names()
+    contracts = list(contracts)
     delay_exchanges, delay_queues, delay_bindings = delay_levels(names)
     exchanges = (
         Exchange(names.task_exchange, "direct"),
         Exchange(names.dead_letter_exchange, "direct"),
         *delay_exchanges,
     )
+    reserved = _reserved_names(contracts, names)
     queues: dict[str, tuple[Queue, Contract[Any, Any]]] = {}
     bindings: dict[Binding, None] = {}
-    reserved = {queue.name for queue in delay_queues}
+    retired: dict[Binding, None] = {}
     for contract in contracts:
-        if contract.queue in reserved or dead_letter_queue_name(contract.queue) in reserved:
-            raise ContractError(
-                f"task {contract.name!r}: queue {contract.queue!r} clashes with a delay level "
-                f"of namespace {names.namespace!r}; pick another queue name"
-            )
-        for queue in (work_queue(contract, names), dead_letter_queue(contract)):
+        _check_not_reserved(contract, reserved)
+        for queue in (
+            work_queue(contract, names),
+            due_queue(contract, names),
+            dead_letter_queue(contract),
+        ):
             seen = queues.setdefault(queue.name, (queue, contract))
             if seen[0] != queue:
                 raise ContractError(
@@ -213,10 +247,14 @@ def derive(contracts: Iterable[Contract[Any, Any]], names: Names | None = None) 
                     f"with different settings: {dict(seen[0].arguments)} != {dict(queue.arguments)}"
                 )
         bindings[Binding(names.task_exchange, contract.queue, contract.routing_key)] = None
-        deliver = Binding(
-            names.delay_deliver_exchange, contract.queue, deliver_pattern(contract.queue)
+        # The delay key ends in the work queue's name; its last hop goes to the due queue.
+        deliver = deliver_pattern(contract.queue)
+        bindings[Binding(names.delay_deliver_exchange, due_queue_name(contract.queue), deliver)] = (
+            None
         )
-        bindings[deliver] = None
+        # Before due queues, delayed messages were delivered to the work queue itself: left in
+        # place, that binding would deliver each delayed task twice.
+        retired[Binding(names.delay_deliver_exchange, contract.queue, deliver)] = None
         bindings[
             Binding(
                 names.dead_letter_exchange,
@@ -229,4 +267,42 @@ def derive(contracts: Iterable[Contract[Any, Any]], names: Names | None = None) 
         queues=(*(queue for queue, _ in queues.values()), *delay_queues),
         bindings=(*bindings, *delay_bindings),
         names=names,
+        retired=tuple(binding for binding in retired if binding not in bindings),
     )
+
+
+def _reserved_names(
+    contracts: Iterable[Contract[Any, Any]], names: Names
+) -> dict[str, tuple[str, str | None]]:
+    """Queue names amqtask derives: each with what it is and the work queue it belongs to."""
+    reserved: dict[str, tuple[str, str | None]] = {
+        names.delay_level(level): (f"delay level {level} of namespace {names.namespace!r}", None)
+        for level in range(DELAY_LEVELS)
+    }
+    for contract in contracts:
+        owner = f"queue {contract.queue!r} (task {contract.name!r})"
+        for name, what in (
+            (due_queue_name(contract.queue), "due queue"),
+            (dead_letter_queue_name(contract.queue), "dead-letter queue"),
+        ):
+            reserved.setdefault(name, (f"the {what} of {owner}", contract.queue))
+    return reserved
+
+
+def _check_not_reserved(
+    contract: Contract[Any, Any], reserved: Mapping[str, tuple[str, str | None]]
+) -> None:
+    """Raise `ContractError` when the contract's queue, or its due or dead-letter queue, takes
+    a name reserved for another queue's due or dead-letter queue or for a delay level."""
+    queue = contract.queue
+    for subject, name in (
+        ("queue", queue),
+        (f"queue {queue!r}: its due queue", due_queue_name(queue)),
+        (f"queue {queue!r}: its dead-letter queue", dead_letter_queue_name(queue)),
+    ):
+        what, owner = reserved.get(name, ("", queue))
+        if owner != queue:
+            raise ContractError(
+                f"task {contract.name!r}: {subject} {name!r} clashes with {what}; "
+                "pick another queue name"
+            )

@@ -18,6 +18,8 @@ class State(StrEnum):
     CONFLICT = "conflict"  # exists with another type or other arguments; never touched
     # AMQP 0-9-1 cannot list bindings; declaring one that exists is a no-op, so it is re-asserted.
     UNVERIFIED = "unverified"
+    # A retired binding (`Topology.retired`) that may exist: unbound, a no-op when it does not.
+    REMOVED = "removed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,15 @@ class Plan:
         )
 
     @property
+    def to_remove(self) -> tuple[Binding, ...]:
+        """Retired bindings `apply` removes, after declaring everything else."""
+        return tuple(
+            step.entity
+            for step in self.steps
+            if step.state is State.REMOVED and isinstance(step.entity, Binding)
+        )
+
+    @property
     def missing(self) -> tuple[Entity, ...]:
         return tuple(step.entity for step in self.steps if step.state is State.MISSING)
 
@@ -84,6 +95,7 @@ class Plan:
                 isinstance(binding, Binding)
                 and not binding.to_exchange
                 and binding.queue in by_queue
+                and step.state is not State.REMOVED
             ):
                 by_queue[binding.queue]["bindings"].append(
                     {"exchange": binding.exchange, "routing_key": binding.routing_key}
@@ -93,6 +105,7 @@ class Plan:
             "summary": {
                 "missing": len(self.missing),
                 "conflicts": sum(step.state is State.CONFLICT for step in self.steps),
+                "removed": len(self.to_remove),
                 "up_to_date": self.up_to_date,
             },
         }
@@ -104,6 +117,7 @@ class Plan:
             State.UP_TO_DATE: "=",
             State.CONFLICT: "!",
             State.UNVERIFIED: "~",
+            State.REMOVED: "-",
         }
         lines = []
         for step in self.steps:
@@ -114,9 +128,10 @@ class Plan:
                 line += f"\n      {conflict.describe()}"
             lines.append(line)
         conflicting = sum(step.state is State.CONFLICT for step in self.steps)
+        removed = f", {len(self.to_remove)} to remove" if self.to_remove else ""
         lines.append(
             f"{len(self.missing)} to create, {conflicting} conflicting, "
-            f"{sum(s.state is State.UP_TO_DATE for s in self.steps)} up to date"
+            f"{sum(s.state is State.UP_TO_DATE for s in self.steps)} up to date{removed}"
         )
         return "\n".join(lines)
 
@@ -125,7 +140,8 @@ def make_plan(topology: Topology, observed: Mapping[ObservationKey, Observation]
     """Give every desired entity its state from what was observed on the broker.
 
     An exchange or queue that was not observed counts as missing. A binding is missing when one
-    of its ends is, and otherwise unverified (AMQP cannot tell whether it exists).
+    of its ends is, and otherwise unverified (AMQP cannot tell whether it exists). A retired
+    binding is to be removed when both its ends exist (else it cannot exist), after the rest.
     """
     steps: list[Step] = []
     absent: set[tuple[str, str]] = set()
@@ -145,6 +161,10 @@ def make_plan(topology: Topology, observed: Mapping[ObservationKey, Observation]
             binding.queue,
         ) in absent
         steps.append(Step(binding, State.MISSING if missing_end else State.UNVERIFIED))
+    for binding in topology.retired:
+        ends = (("exchange", binding.exchange), (binding.destination_kind, binding.queue))
+        if all(observed.get(end, Observation(exists=False)).exists for end in ends):
+            steps.append(Step(binding, State.REMOVED))
     return Plan(tuple(steps))
 
 

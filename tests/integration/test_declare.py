@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
@@ -13,7 +14,15 @@ from pydantic import BaseModel
 import amqtask
 from amqtask.topology import State
 
-from .conftest import AppFactory, delete_topology, run_amqtask, write_app_module
+from .conftest import (
+    AppFactory,
+    delete_topology,
+    depth_is,
+    queue_depth,
+    run_amqtask,
+    wait_for,
+    write_app_module,
+)
 
 
 class Job(BaseModel):
@@ -33,7 +42,14 @@ async def test_declare_creates_everything_then_changes_nothing_the_second_time(
     }
     assert second.missing == ()
     assert second.conflicts == ()
-    assert {step.state for step in second.steps} == {State.UP_TO_DATE, State.UNVERIFIED}
+    # The deliver binding an earlier version made to the work queue is unbound on every
+    # declare: AMQP cannot tell whether it exists, and unbinding an absent one is a no-op.
+    assert {step.state for step in second.steps} == {
+        State.UP_TO_DATE,
+        State.UNVERIFIED,
+        State.REMOVED,
+    }
+    assert second.to_remove == app.topology.retired
 
 
 async def test_declare_dry_run_changes_nothing(make_app: AppFactory, unique: str) -> None:
@@ -84,6 +100,47 @@ async def test_conflicting_exchange_type_is_reported(
     assert (caught.value.expected, caught.value.actual) == ("direct", "topic")
 
 
+async def test_declare_removes_the_deliver_binding_to_the_work_queue_an_earlier_version_made(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    # A broker declared before due queues: delayed tasks were delivered to the work queue.
+    (old,) = app.topology.retired
+    async with amqp.channel() as channel:
+        queue = await channel.get_queue(job.queue)
+        await queue.bind(old.exchange, old.routing_key)
+
+    plan = await app.declare()
+    async with app:
+        await app.send(job, Job(n=1), delay=1)
+    await wait_for(lambda: depth_is(amqp, f"{job.queue}.due", 1), timeout=10)
+    await asyncio.sleep(1.0)  # a second copy would have reached the work queue by now
+
+    assert plan.to_remove == (old,)
+    assert f"- binding  {old.name}  [removed]" in plan.render()
+    assert await queue_depth(amqp, job.queue) == 0
+    assert await queue_depth(amqp, f"{job.queue}.due") == 1
+
+
+async def test_a_worker_refuses_to_start_until_the_due_queues_are_declared(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    async with amqp.channel() as channel:
+        await channel.queue_delete(f"{job.queue}.due")  # as on a broker declared before them
+
+    @app.handler(job)
+    async def handle(task: Job) -> None:
+        pass
+
+    with pytest.raises(amqtask.TopologyMissing, match=rf"{job.queue}\.due.*amqtask declare"):
+        await amqtask.Worker(app).start()
+
+
 # --- the command ------------------------------------------------------------------------------
 
 
@@ -125,6 +182,10 @@ async def test_declare_command_is_idempotent_and_prints_json(
     assert queue["arguments"]["x-max-length"] == 5
     assert queue["bindings"] == [
         {"exchange": f"{unique}.tasks", "routing_key": f"{unique}.job.v1"},
+    ]
+    due = next(e for e in dry_plan["entities"] if e["name"] == f"{unique}.job.due")
+    assert "x-max-length" not in due["arguments"]
+    assert due["bindings"] == [
         {"exchange": f"{unique}.delay.deliver", "routing_key": "*." * 20 + f"{unique}.job"},
     ]
 
@@ -133,8 +194,8 @@ async def test_declare_command_is_idempotent_and_prints_json(
 
     assert second.returncode == 0, second.stderr
     again = json.loads(second.stdout)
-    assert again["summary"] == {"missing": 0, "conflicts": 0, "up_to_date": True}
-    assert {e["state"] for e in again["entities"]} == {"up-to-date", "unverified"}
+    assert again["summary"] == {"missing": 0, "conflicts": 0, "removed": 1, "up_to_date": True}
+    assert {e["state"] for e in again["entities"]} == {"up-to-date", "unverified", "removed"}
 
 
 async def test_declare_command_conflict_exits_1_naming_entity_argument_and_values(

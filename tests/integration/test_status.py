@@ -122,7 +122,17 @@ async def test_status_over_amqp_counts_ready_dead_delayed_and_consumers(
     # AMQP cannot see unacked deliveries: unknown, and the output says so.
     assert task["unacked"] is None
     assert before["notes"] == [_status.UNKNOWN_OVER_AMQP]
-    assert before["delayed"] == {"messages": 1, "levels": 20, "missing_levels": []}
+    assert before["delayed"] == {
+        "messages": 1,
+        "dead_letter_pending": None,  # unknown over AMQP
+        "levels": 20,
+        "missing_levels": [],
+    }
+    assert (task["due_queue"], task["due"], task["dead_letter_pending"]) == (
+        f"{job.queue}.due",
+        0,
+        None,
+    )
     # A queue that does not exist is reported, not crashed on.
     assert ghost["task"] == f"{unique}.ghost"
     assert (ghost["exists"], ghost["ready"], ghost["dead_letters"]) == (False, None, None)
@@ -134,7 +144,8 @@ async def test_status_over_amqp_counts_ready_dead_delayed_and_consumers(
     assert f"{job.name} v1" in text.stdout
     assert f"missing queue(s): {unique}.ghost: run amqtask declare" in text.stdout
     assert "delayed: 1 message(s)" in text.stdout
-    assert "unacked and in/out rates need the management API" in text.stdout
+    assert "in/out rates need the management API" in text.stdout
+    assert text.stdout.count("dl-pending") >= 2  # the column and the delay levels' line
 
 
 async def test_status_watch_samples_repeatedly_and_falls_back_without_management(
@@ -248,3 +259,55 @@ def test_status_exits_1_when_the_broker_cannot_be_reached(tmp_path: Path, unique
     assert result.returncode == 1
     assert "cannot reach the broker" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_status_with_the_management_api_counts_messages_held_in_dead_letter_hand_over(
+    management_node: tuple[PrivateNode, str], unique: str, tmp_path: Path
+) -> None:
+    # At-least-once dead-lettering keeps a message in its source queue until a target took it;
+    # with no target (deleted here; in production a full queue or a lost leader) it stays there,
+    # neither ready nor unacked.
+    node, management_url = management_node
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = amqtask.App(node.url, [job], namespace=unique)
+    amqp = await aio_pika.connect(node.url)
+    try:
+        await app.declare()
+        async with amqp.channel() as channel:
+            await channel.queue_delete(f"{job.queue}.dead")
+            await channel.queue_delete(f"{job.queue}.due")
+        async with app:
+            await app.send(job, Job(n=1))  # rejected below: its dead letter finds no queue
+            await app.send(job, Job(n=2), delay=1)  # comes due: its due queue is gone
+        async with amqp.channel() as channel:
+            queue = await channel.get_queue(job.queue)
+            message = await queue.get(timeout=5)
+            assert message is not None
+            await message.reject(requeue=False)
+        management = _status.Management.from_urls(management_url, node.url)
+
+        async def held() -> dict[str, Any]:
+            async with _status.Sampler(app, management) as sampler:
+                return _status.report(app.contracts, app.names, await sampler.sample())
+
+        async def both_seen() -> bool:
+            data = await held()
+            task = data["tasks"][0]
+            return bool(task["dead_letter_pending"] == 1 and data["delayed"]["dead_letter_pending"])
+
+        await wait_for(both_seen, timeout=40, interval=0.5)
+        data = await held()
+        async with _status.Sampler(app) as sampler:
+            over_amqp = _status.report(app.contracts, app.names, await sampler.sample())
+        text = _status.render(data)
+    finally:
+        await amqp.close()
+        await delete_topology(node.url, app.topology)
+
+    assert data["tasks"][0]["ready"] == 0
+    assert data["delayed"]["dead_letter_pending"] == 1
+    assert data["delayed"]["messages"] == 0  # a held message is not waiting out a delay
+    assert "dl-pending in the delay levels: 1 " in text
+    # Over AMQP the same messages are invisible: unknown, never 0.
+    assert over_amqp["tasks"][0]["dead_letter_pending"] is None
+    assert over_amqp["delayed"]["dead_letter_pending"] is None

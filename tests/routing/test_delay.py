@@ -153,7 +153,8 @@ def route(topology: Topology, exchange: str, key: str) -> Binding:
 def walk(topology: Topology, seconds: int, queue: str) -> Walk:
     """Follow a message published to the entry exchange with the delay key, the way the broker
     would: through exchange bindings, into level queues whose TTL expires into the exchange
-    named by x-dead-letter-exchange (routing key unchanged), until it lands in a work queue."""
+    named by x-dead-letter-exchange (routing key unchanged), until it lands in a queue that is
+    not a level: a work queue's due queue."""
     names = topology.names
     levels = {f"{names.namespace}.delay.{level}": level for level in range(20)}
     key = delay_routing_key(seconds, queue)
@@ -173,7 +174,7 @@ def walk(topology: Topology, seconds: int, queue: str) -> Walk:
         visited.append(levels[binding.queue])
         waited_ms += int(args["x-message-ttl"])
         exchange = str(args["x-dead-letter-exchange"])
-    raise AssertionError(f"{key!r} never reached a work queue")
+    raise AssertionError(f"{key!r} never left the delay levels")
 
 
 def work_queues() -> Topology:
@@ -190,13 +191,27 @@ def work_queues() -> Topology:
 
 @pytest.mark.parametrize("seconds", [1, 2, 3, 5, 1000, SEVEN_DAYS, MAX_DELAY_SECONDS])
 @pytest.mark.parametrize("queue", ["images", "x.images", "images.x", "orders.place.v2"])
-def test_a_delayed_message_waits_exactly_its_delay_then_reaches_only_its_queue(
+def test_a_delayed_message_waits_exactly_its_delay_then_reaches_only_its_due_queue(
     seconds: int, queue: str
 ) -> None:
     arrival = walk(work_queues(), seconds, queue)
 
-    assert arrival.queue == queue
+    assert arrival.queue == f"{queue}.due"
     assert arrival.waited_ms == seconds * 1000
+
+
+@pytest.mark.parametrize("overflow", ["reject-publish", "drop-head"])
+def test_the_last_hop_of_a_delay_never_targets_a_bounded_queue(overflow: str) -> None:
+    # A full target would refuse the level's at-least-once dead-lettering, which then holds
+    # every other queue's delayed messages for minutes.
+    bounded = contract("images.resize", Payload, queue="images", max_length=5, overflow=overflow)
+    topology = derive([bounded])
+
+    arrival = walk(topology, 3, "images")
+
+    assert arrival.queue == "images.due"
+    assert "x-max-length" not in dict(topology.queue(arrival.queue).arguments)
+    assert "x-max-length" in dict(topology.queue("images").arguments)
 
 
 @pytest.mark.parametrize(
@@ -221,4 +236,4 @@ def test_the_walk_follows_the_namespace() -> None:
 
     arrival = walk(topology, 5, "images")
 
-    assert arrival == Walk("images", 5000, [2, 0])
+    assert arrival == Walk("images.due", 5000, [2, 0])

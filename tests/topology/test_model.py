@@ -11,9 +11,9 @@ import pytest
 from pydantic import BaseModel
 
 from amqtask import ContractError, contract
-from amqtask.routing import Names
+from amqtask.routing import Names, due_queue_name
 from amqtask.topology import Binding, Exchange, Queue, Topology, derive
-from amqtask.topology._model import Entity, arguments, dead_letter_queue, work_queue
+from amqtask.topology._model import Entity, arguments, dead_letter_queue, due_queue, work_queue
 
 E = TypeVar("E", bound=Entity)
 
@@ -40,8 +40,9 @@ def of_contracts(entities: Iterable[E], namespace: str = "amqtask") -> tuple[E, 
 
 
 def deliver_binding(queue: str, namespace: str = "amqtask") -> Binding:
-    """The binding that hands a delayed message to `queue`: 20 delay bits, then the name."""
-    return Binding(f"{namespace}.delay.deliver", queue, "*." * 20 + queue)
+    """The binding that hands a delayed message for work queue `queue` to its due queue: 20
+    delay bits, then the work queue's name."""
+    return Binding(f"{namespace}.delay.deliver", f"{queue}.due", "*." * 20 + queue)
 
 
 def test_derive_declares_the_task_and_dead_letter_exchanges_as_durable_direct() -> None:
@@ -66,13 +67,15 @@ def test_derive_without_contracts_still_declares_both_exchanges() -> None:
     assert of_contracts(topology.bindings) == ()
 
 
-def test_each_contract_gets_a_work_queue_and_a_dead_letter_queue() -> None:
+def test_each_contract_gets_a_work_queue_a_due_queue_and_a_dead_letter_queue() -> None:
     topology = derive([contract("orders.place", Payload), contract("mail.send", Payload)])
 
     assert [queue.name for queue in of_contracts(topology.queues)] == [
         "orders.place",
+        "orders.place.due",
         "orders.place.dead",
         "mail.send",
+        "mail.send.due",
         "mail.send.dead",
     ]
     assert all(queue.durable for queue in topology.queues)
@@ -187,8 +190,8 @@ def test_bindings_route_tasks_by_routing_key_and_dead_letters_by_queue_name() ->
     )
     assert topology.bindings_of("orders") == (
         Binding("amqtask.tasks", "orders", "orders.place.v1"),
-        deliver_binding("orders"),
     )
+    assert topology.bindings_of("orders.due") == (deliver_binding("orders"),)
     assert topology.bindings_of("orders.dead") == (
         Binding("amqtask.dead", "orders.dead", "orders"),
     )
@@ -226,7 +229,11 @@ def test_contracts_sharing_a_queue_with_the_same_settings_share_one_queue() -> N
 
     topology = derive([place, cancel])
 
-    assert [queue.name for queue in of_contracts(topology.queues)] == ["orders", "orders.dead"]
+    assert [queue.name for queue in of_contracts(topology.queues)] == [
+        "orders",
+        "orders.due",
+        "orders.dead",
+    ]
     assert of_contracts(topology.bindings) == (
         Binding("amqtask.tasks", "orders", "orders.place.v1"),
         deliver_binding("orders"),
@@ -269,10 +276,10 @@ def test_entities_lists_exchanges_then_queues_then_bindings() -> None:
     topology = derive([contract("orders.place", Payload)])
 
     assert topology.entities == (*topology.exchanges, *topology.queues, *topology.bindings)
-    # tasks, dead, deliver and 20 level exchanges; 2 contract and 20 level queues; task,
+    # tasks, dead, deliver and 20 level exchanges; 3 contract and 20 level queues; task,
     # deliver and dead-letter bindings, then a queue and an exchange binding per level.
     assert [entity.kind for entity in topology.entities] == (
-        ["exchange"] * 23 + ["queue"] * 22 + ["binding"] * 43
+        ["exchange"] * 23 + ["queue"] * 23 + ["binding"] * 43
     )
 
 
@@ -431,7 +438,7 @@ def test_a_level_queue_keeps_the_routing_key_when_it_dead_letters() -> None:
         assert "x-dead-letter-routing-key" not in dict(queue.arguments)
 
 
-def test_each_work_queue_gets_one_deliver_binding_matching_exactly_its_name() -> None:
+def test_each_work_queue_gets_one_deliver_binding_to_its_due_queue_matching_its_name() -> None:
     topology = derive(
         [
             contract("orders.place", Payload, queue="orders"),
@@ -443,8 +450,8 @@ def test_each_work_queue_gets_one_deliver_binding_matching_exactly_its_name() ->
     delivered = [b for b in topology.bindings if b.exchange == "amqtask.delay.deliver"]
 
     assert delivered == [
-        Binding("amqtask.delay.deliver", "orders", "*." * 20 + "orders"),
-        Binding("amqtask.delay.deliver", "mail.send.v2", "*." * 20 + "mail.send.v2"),
+        Binding("amqtask.delay.deliver", "orders.due", "*." * 20 + "orders"),
+        Binding("amqtask.delay.deliver", "mail.send.v2.due", "*." * 20 + "mail.send.v2"),
     ]
 
 
@@ -484,3 +491,137 @@ def test_contracts_sharing_a_queue_with_different_delivery_limits_are_a_contract
 
     with pytest.raises(ContractError, match="x-delivery-limit"):
         derive([place, cancel])
+
+
+# --- due queues -------------------------------------------------------------------------------
+
+
+def test_the_due_queue_name_is_the_work_queue_name_with_due_appended() -> None:
+    assert due_queue_name("orders.place.v2") == "orders.place.v2.due"
+
+
+def test_a_quorum_due_queue_is_the_work_queue_without_its_length_limit() -> None:
+    bounded = contract("orders.place", Payload, max_length=100, delivery_limit=4)
+
+    topology = derive([bounded])
+
+    assert dict(topology.queue("orders.place.due").arguments) == {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": "amqtask.dead",
+        # The work queue's name: what the due queue dead-letters lands in orders.place.dead.
+        "x-dead-letter-routing-key": "orders.place",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-delivery-limit": 4,
+        "x-overflow": "reject-publish",
+    }
+    assert topology.queue("orders.place.due") == due_queue(bounded, Names())
+
+
+def test_a_due_queue_dead_letters_at_least_once_even_when_its_work_queue_drops_head() -> None:
+    drop = contract("orders.place", Payload, max_length=100, overflow="drop-head")
+
+    queue = derive([drop]).queue("orders.place.due")
+
+    assert "x-max-length" not in dict(queue.arguments)
+    assert dict(queue.arguments)["x-dead-letter-strategy"] == "at-least-once"
+    assert dict(queue.arguments)["x-overflow"] == "reject-publish"
+
+
+def test_a_classic_due_queue_is_classic_and_unbounded_like_an_unbounded_work_queue() -> None:
+    classic = contract("orders.place", Payload, queue_type="classic", max_length=5)
+
+    queue = derive([classic]).queue("orders.place.due")
+
+    assert dict(queue.arguments) == {
+        "x-queue-type": "classic",
+        "x-dead-letter-exchange": "amqtask.dead",
+        "x-dead-letter-routing-key": "orders.place",
+    }
+
+
+def test_what_a_due_queue_dead_letters_is_routed_to_its_work_queues_dead_letter_queue() -> None:
+    topology = derive([contract("orders.place", Payload, queue="orders", max_length=3)])
+    args = dict(topology.queue("orders.due").arguments)
+
+    routed = [
+        binding.queue
+        for binding in topology.bindings
+        if binding.exchange == args["x-dead-letter-exchange"]
+        and binding.routing_key == args["x-dead-letter-routing-key"]
+    ]
+
+    assert routed == ["orders.dead"]
+
+
+def test_contracts_sharing_a_queue_share_its_due_queue() -> None:
+    place = contract("orders.place", Payload, queue="orders", max_length=10)
+    cancel = contract("orders.cancel", Payload, queue="orders", max_length=10)
+
+    topology = derive([place, cancel])
+
+    assert [queue.name for queue in topology.queues].count("orders.due") == 1
+    assert topology.bindings_of("orders.due") == (deliver_binding("orders"),)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_queue_named_like_another_contracts_due_queue_is_a_contract_error(first: bool) -> None:
+    place = contract("orders.place", Payload, queue="orders")
+    clash = contract("orders.clash", Payload, queue="orders.due")
+
+    with pytest.raises(ContractError) as caught:
+        derive([place, clash] if first else [clash, place])
+
+    assert str(caught.value) == (
+        "task 'orders.clash': queue 'orders.due' clashes with the due queue of queue 'orders' "
+        "(task 'orders.place'); pick another queue name"
+    )
+
+
+def test_a_queue_named_like_another_contracts_dead_letter_queue_is_named_in_the_error() -> None:
+    clash = contract("orders.clash", Payload, queue="orders.dead")
+    place = contract("orders.place", Payload, queue="orders")
+
+    with pytest.raises(ContractError, match="clashes with the dead-letter queue of queue 'orders'"):
+        derive([clash, place])
+
+
+@pytest.mark.parametrize("namespace", ["amqtask", "tenant-a"])
+def test_a_queue_named_like_a_delay_level_is_a_contract_error(namespace: str) -> None:
+    clash = contract("orders.clash", Payload, queue=f"{namespace}.delay.3")
+
+    with pytest.raises(
+        ContractError, match=f"clashes with delay level 3 of namespace '{namespace}'"
+    ):
+        derive([clash], Names(namespace))
+
+
+def test_a_queue_whose_name_ends_in_due_is_fine_when_no_queue_owns_that_name() -> None:
+    topology = derive([contract("orders.place", Payload, queue="orders.due")])
+
+    assert topology.queue("orders.due.due").name == "orders.due.due"
+
+
+# --- retired bindings -------------------------------------------------------------------------
+
+
+def test_the_deliver_binding_to_the_work_queue_itself_is_retired_once_per_queue() -> None:
+    topology = derive(
+        [
+            contract("orders.place", Payload, queue="orders"),
+            contract("orders.cancel", Payload, queue="orders"),
+            contract("mail.send", Payload, version=2),
+        ],
+        Names("tenant-a"),
+    )
+
+    assert topology.retired == (
+        Binding("tenant-a.delay.deliver", "orders", "*." * 20 + "orders"),
+        Binding("tenant-a.delay.deliver", "mail.send.v2", "*." * 20 + "mail.send.v2"),
+    )
+    # Retired bindings are what must go, never part of what is wanted.
+    assert not set(topology.retired) & set(topology.entities)
+
+
+def test_without_contracts_nothing_is_retired() -> None:
+    assert derive([]).retired == ()
+    assert Topology().retired == ()

@@ -90,7 +90,9 @@ def level_pattern(level: int, bit: str) -> str:
     return ".".join(words) + ".#"
 
 
-DELIVER_PLACE = "amqtask.delay.deliver -> orders.place [" + "*." * 20 + "orders.place]"
+DELIVER_PLACE = "amqtask.delay.deliver -> orders.place.due [" + "*." * 20 + "orders.place]"
+# Delayed messages used to be delivered to the work queue itself: `declare` removes that binding.
+RETIRED_PLACE = "amqtask.delay.deliver -> orders.place [" + "*." * 20 + "orders.place]"
 
 
 def length_conflict() -> Conflict:
@@ -121,10 +123,12 @@ def test_when_everything_exists_entities_are_up_to_date_and_bindings_unverified(
         "amqtask.tasks": State.UP_TO_DATE,
         "amqtask.dead": State.UP_TO_DATE,
         "orders.place": State.UP_TO_DATE,
+        "orders.place.due": State.UP_TO_DATE,
         "orders.place.dead": State.UP_TO_DATE,
         "amqtask.tasks -> orders.place [orders.place.v1]": State.UNVERIFIED,
         DELIVER_PLACE: State.UNVERIFIED,
         "amqtask.dead -> orders.place.dead [orders.place]": State.UNVERIFIED,
+        RETIRED_PLACE: State.REMOVED,
     }
     assert level_states(plan) == {
         (e.kind, e.name): State.UNVERIFIED if isinstance(e, Binding) else State.UP_TO_DATE
@@ -135,14 +139,15 @@ def test_when_everything_exists_entities_are_up_to_date_and_bindings_unverified(
     assert plan.up_to_date
     assert plan.missing == ()
     assert plan.to_apply == desired.bindings
+    assert plan.to_remove == desired.retired
 
 
-def test_steps_follow_exchanges_then_queues_then_bindings() -> None:
+def test_steps_follow_exchanges_then_queues_then_bindings_then_retired_bindings() -> None:
     desired = topology()
 
-    plan = make_plan(desired, {})
+    plan = make_plan(desired, everything_exists(desired))
 
-    assert tuple(step.entity for step in plan.steps) == desired.entities
+    assert tuple(step.entity for step in plan.steps) == (*desired.entities, *desired.retired)
 
 
 def test_an_observation_that_says_absent_counts_as_missing() -> None:
@@ -188,13 +193,49 @@ def test_a_binding_is_missing_when_its_queue_is_missing() -> None:
     plan = make_plan(desired, observed)
 
     assert states(plan)["amqtask.tasks -> orders.place [orders.place.v1]"] is State.MISSING
-    assert states(plan)[DELIVER_PLACE] is State.MISSING
     assert plan.missing == (
         desired.queue("orders.place"),
         Binding("amqtask.tasks", "orders.place", "orders.place.v1"),
-        Binding("amqtask.delay.deliver", "orders.place", "*." * 20 + "orders.place"),
     )
     assert not plan.up_to_date
+    # A binding to a queue that does not exist does not exist either: nothing to remove.
+    assert RETIRED_PLACE not in states(plan)
+    assert plan.to_remove == ()
+
+
+def test_the_deliver_binding_is_missing_when_the_due_queue_is_missing() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    del observed[("queue", "orders.place.due")]
+
+    plan = make_plan(desired, observed)
+
+    assert plan.missing == (
+        desired.queue("orders.place.due"),
+        Binding("amqtask.delay.deliver", "orders.place.due", "*." * 20 + "orders.place"),
+    )
+    # The broker was declared before due queues: its old deliver binding goes.
+    assert plan.to_remove == (
+        Binding("amqtask.delay.deliver", "orders.place", "*." * 20 + "orders.place"),
+    )
+
+
+def test_nothing_is_removed_when_the_deliver_exchange_is_missing() -> None:
+    desired = topology()
+    observed = everything_exists(desired)
+    del observed[("exchange", "amqtask.delay.deliver")]
+
+    plan = make_plan(desired, observed)
+
+    assert plan.to_remove == ()
+    assert RETIRED_PLACE not in states(plan)
+
+
+def test_with_nothing_observed_nothing_is_removed() -> None:
+    plan = make_plan(topology(), {})
+
+    assert plan.to_remove == ()
+    assert State.REMOVED not in {step.state for step in plan.steps}
 
 
 def test_a_conflicting_entity_is_reported_and_never_applied() -> None:
@@ -282,8 +323,10 @@ def test_to_dict_is_json_with_each_entity_its_state_and_a_summary() -> None:
     data = make_plan(desired, observed).to_dict()
 
     assert json.loads(json.dumps(data)) == data
-    assert data["summary"] == {"missing": 2, "conflicts": 0, "up_to_date": False}
-    assert [e["name"] for e in data["entities"]] == [e.name for e in desired.entities]
+    assert data["summary"] == {"missing": 2, "conflicts": 0, "removed": 1, "up_to_date": False}
+    assert [e["name"] for e in data["entities"]] == [
+        e.name for e in (*desired.entities, *desired.retired)
+    ]
     assert data["entities"][0] == {
         "kind": "exchange",
         "name": "amqtask.tasks",
@@ -310,10 +353,22 @@ def test_to_dict_is_json_with_each_entity_its_state_and_a_summary() -> None:
         "routing_key": "orders.place.v1",
         "state": "unverified",
     }
+    # A queue's bindings are those it keeps: not the retired one about to be removed.
     assert entity(data, "queue", "orders.place")["bindings"] == [
         {"exchange": "amqtask.tasks", "routing_key": "orders.place.v1"},
+    ]
+    assert entity(data, "queue", "orders.place.due")["bindings"] == [
         {"exchange": "amqtask.delay.deliver", "routing_key": "*." * 20 + "orders.place"},
     ]
+    assert entity(data, "binding", RETIRED_PLACE) == {
+        "kind": "binding",
+        "name": RETIRED_PLACE,
+        "exchange": "amqtask.delay.deliver",
+        "destination_kind": "queue",
+        "destination": "orders.place",
+        "routing_key": "*." * 20 + "orders.place",
+        "state": "removed",
+    }
 
 
 def test_to_dict_lists_every_binding_of_a_shared_queue_on_that_queue() -> None:
@@ -329,7 +384,6 @@ def test_to_dict_lists_every_binding_of_a_shared_queue_on_that_queue() -> None:
     orders = next(entity for entity in data["entities"] if entity["name"] == "orders")
     assert orders["bindings"] == [
         {"exchange": "amqtask.tasks", "routing_key": "orders.place.v1"},
-        {"exchange": "amqtask.delay.deliver", "routing_key": "*." * 20 + "orders"},
         {"exchange": "amqtask.tasks", "routing_key": "orders.cancel.v1"},
     ]
     assert orders["arguments"]["x-dead-letter-strategy"] == "at-least-once"
@@ -364,7 +418,7 @@ def test_to_dict_gives_a_conflicting_entity_its_conflict_details() -> None:
     orders = next(entity for entity in data["entities"] if entity["name"] == "orders.place")
     assert orders["state"] == "conflict"
     assert orders["conflicts"] == [{"argument": "x-max-length", "expected": None, "actual": 10}]
-    assert data["summary"] == {"missing": 0, "conflicts": 1, "up_to_date": False}
+    assert data["summary"] == {"missing": 0, "conflicts": 1, "removed": 1, "up_to_date": False}
     assert json.loads(json.dumps(data)) == data
 
 
@@ -390,7 +444,8 @@ def test_to_dict_of_an_up_to_date_plan_says_so() -> None:
 
     data = make_plan(desired, everything_exists(desired)).to_dict()
 
-    assert data["summary"] == {"missing": 0, "conflicts": 0, "up_to_date": True}
+    # Up to date though a retired binding is to be removed: AMQP cannot tell whether it is there.
+    assert data["summary"] == {"missing": 0, "conflicts": 0, "removed": 1, "up_to_date": True}
     assert all("conflicts" not in entity for entity in data["entities"])
     assert all("bindings" not in e for e in data["entities"] if e["kind"] != "queue")
 
@@ -415,13 +470,16 @@ def test_render_marks_each_state_and_ends_with_a_summary() -> None:
         "      queue 'orders.place': argument 'x-max-length' is 10 on the broker "
         "but the contracts want absent"
     )
-    assert lines[4] == "+ queue    orders.place.dead (classic)  [missing]"
-    assert lines[5] == "~ binding  amqtask.tasks -> orders.place [orders.place.v1]  [unverified]"
-    assert lines[6] == f"~ binding  {DELIVER_PLACE}  [unverified]"
-    assert lines[7] == "+ binding  amqtask.dead -> orders.place.dead [orders.place]  [missing]"
-    # 23 exchanges and 20 level queues up to date besides the conflict and the missing queue.
-    assert lines[8] == "2 to create, 1 conflicting, 43 up to date"
-    assert len(lines) == 9
+    assert lines[4] == "= queue    orders.place.due (classic)  [up-to-date]"
+    assert lines[5] == "+ queue    orders.place.dead (classic)  [missing]"
+    assert lines[6] == "~ binding  amqtask.tasks -> orders.place [orders.place.v1]  [unverified]"
+    assert lines[7] == f"~ binding  {DELIVER_PLACE}  [unverified]"
+    assert lines[8] == "+ binding  amqtask.dead -> orders.place.dead [orders.place]  [missing]"
+    assert lines[9] == f"- binding  {RETIRED_PLACE}  [removed]"
+    # 23 exchanges, the due queue and 20 level queues up to date besides the conflict and the
+    # missing queue.
+    assert lines[10] == "2 to create, 1 conflicting, 44 up to date, 1 to remove"
+    assert len(lines) == 11
     assert "= exchange amqtask.delay.deliver (topic)  [up-to-date]" in level_lines
     assert "= exchange amqtask.delay.7 (topic)  [up-to-date]" in level_lines
     assert "= queue    amqtask.delay.7 (quorum)  [up-to-date]" in level_lines
@@ -451,7 +509,7 @@ def test_render_lists_every_conflict_of_an_entity_and_counts_the_entity_once() -
         "      queue 'orders.place': argument 'x-queue-type' is 'quorum' on the broker "
         "but the contracts want 'classic'",
     ]
-    assert lines[-1] == "0 to create, 1 conflicting, 44 up to date"
+    assert lines[-1] == "0 to create, 1 conflicting, 45 up to date, 1 to remove"
 
 
 def test_render_of_an_empty_plan_is_only_the_summary() -> None:
