@@ -20,7 +20,16 @@ import click
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from amqtask import _asyncapi, _codec, _dead_letters, _evolution, _logging, _status, _supervisor
+from amqtask import (
+    _asyncapi,
+    _codec,
+    _dead_letters,
+    _evolution,
+    _logging,
+    _startup,
+    _status,
+    _supervisor,
+)
 from amqtask._app import App
 from amqtask._contract import Contract
 from amqtask._exceptions import AmqtaskError, ContractError, RemoteError, TopologyConflict
@@ -173,6 +182,14 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
     show_default=True,
     help="Lowest level logged; warning drops the task_succeeded line of every task.",
 )
+@click.option(
+    "--start-timeout",
+    default=_startup.DEFAULT_START_TIMEOUT,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds to wait at start for a broker that is down or restarting (logging "
+    "broker_unavailable per attempt) before exiting 1.",
+)
 def worker(
     app_path: str,
     concurrency: int,
@@ -182,6 +199,7 @@ def worker(
     metrics_port: int | None,
     processes: int,
     log_level: str,
+    start_timeout: float,
 ) -> None:
     """Consume and run the tasks APP has handlers for.
 
@@ -189,8 +207,14 @@ def worker(
     validated, or whose handler raised, goes to the dead-letter queue with the reason in its
     headers. SIGTERM or SIGINT stops consuming and lets running handlers finish.
 
-    With --processes N, a supervisor runs N worker processes, replaces one that dies, and
-    forwards SIGTERM/SIGINT to all of them; it exits 1 if one fails to start.
+    At start, a broker that refuses or does not answer (down, restarting) is waited for, with
+    backoff, for up to --start-timeout seconds; wrong credentials, an unknown vhost or missing
+    topology fail at once. Exit code 1 when it cannot start.
+
+    With --processes N, a supervisor runs N worker processes and forwards SIGTERM/SIGINT to all
+    of them. It exits 1 only if a process fails its first start. After that it never gives up:
+    a process that dies is replaced, and a replacement that fails to start is retried with
+    backoff (up to 30 s between tries) for as long as it takes, while the others keep working.
 
     \b
     Example:
@@ -203,7 +227,10 @@ def worker(
     if processes > 1:
         child = [sys.executable, "-m", "amqtask", "worker", app_path, *_worker_options()]
         supervisor = _supervisor.Supervisor(child, processes, shutdown_timeout)
-        sys.exit(asyncio.run(supervisor.run()))
+        code = asyncio.run(supervisor.run())
+        if supervisor.failure is not None:
+            click.echo(f"error: {supervisor.failure} (its error is above); stopped all", err=True)
+        sys.exit(code)
 
     async def work() -> int:
         """Serve until SIGTERM/SIGINT; return how many handlers shutdown gave up on."""
@@ -220,13 +247,24 @@ def worker(
             except OSError as exc:
                 raise AmqtaskError(f"cannot serve metrics on port {port}: {exc}") from exc
             server.start()
-        running = Worker(app, settings, metrics=metrics)
+
+        async def start() -> Worker:
+            started = Worker(app, settings, metrics=metrics)  # a failed start is not reusable
+            await started.start()
+            return started
+
         try:
-            await running.start()
+            running = await _startup.start_when_reachable(
+                start, url=_safe_url(app.url), timeout=start_timeout, stop=stop
+            )
         except BaseException:
             if server is not None:
                 server.stop()
             raise
+        if running is None:  # stopped while waiting for the broker: nothing was consumed
+            if server is not None:
+                server.stop()
+            return 0
         _supervisor.notify_ready()  # when run by `--processes`: this child consumes now
         try:
             await stop.wait()

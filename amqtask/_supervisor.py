@@ -4,25 +4,37 @@ Each child is a fresh `python -m amqtask worker APP ...` (the same options, with
 `--processes`): nothing is forked from a process that already holds a connection or threads, and a
 child is exactly the single-process worker, tested on its own. A child tells the supervisor it
 consumes by writing a byte to a pipe (`notify_ready`); one that exits before that has failed to
-start (missing topology, broker unreachable, an import error), and the supervisor then stops the
-others and exits 1 rather than restart a child that cannot work. A child that dies later
-(killed, out of memory, crashed) is logged and replaced; the broker has already requeued its
-unacked deliveries.
+start. Each child waits for the broker itself (`--start-timeout`), so a broker that is down or
+restarting does not fail a start at once.
+
+Only the first start of each of the N processes may be fatal: a child that exits before it is
+ready then (bad configuration, missing topology, an import error, a broker that stayed away for
+the whole start timeout) makes the supervisor stop the others and exit 1, since the same command
+would fail again. After that, nothing stops the fleet: a child that dies (killed, out of memory,
+crashed) is logged and replaced, and a replacement that exits before it is ready (the broker is
+still down, the child was killed at once) is started again after an exponential backoff with
+jitter, capped at `RESTART_BACKOFF.cap` seconds, forever, each failure logged with the delay
+before the next try. The other children keep consuming meanwhile; the broker has already
+requeued the dead child's unacked deliveries.
 
 SIGTERM or SIGINT to the supervisor forwards SIGTERM to every child and waits for their graceful
 shutdown (each finishes its running handlers within `--shutdown-timeout`); a child still alive
-well after that is killed. Exit code 0 when every child stopped cleanly.
+well after that is killed, and a restart waiting out its backoff is dropped. Exit code 0 when
+every child stopped cleanly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 
 import structlog
+
+from amqtask._startup import Backoff
 
 log = structlog.get_logger("amqtask.supervisor")
 
@@ -36,6 +48,10 @@ def slot() -> int:
 
 
 _KILL_GRACE = 10.0  # seconds past the children's own shutdown timeout before SIGKILL
+
+# Between restarts of a slot whose children keep failing. A child that stayed up for `cap`
+# seconds after it was ready counts as a success: the next failure starts the schedule anew.
+RESTART_BACKOFF = Backoff(first=0.5, cap=30.0)
 
 
 def notify_ready() -> None:
@@ -51,21 +67,33 @@ def notify_ready() -> None:
 class Supervisor:
     """Runs `processes` copies of `command`, replacing any that dies, until told to stop."""
 
-    def __init__(self, command: Sequence[str], processes: int, shutdown_timeout: float) -> None:
+    def __init__(
+        self,
+        command: Sequence[str],
+        processes: int,
+        shutdown_timeout: float,
+        *,
+        backoff: Backoff = RESTART_BACKOFF,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be at least 1, got {processes}")
         self.command = list(command)
         self.processes = processes
         self.shutdown_timeout = shutdown_timeout
-        self._children: dict[int, asyncio.subprocess.Process] = {}  # slot -> running child
+        self.backoff = backoff
+        self._rand = rand
+        self._children: dict[int, asyncio.subprocess.Process] = {}  # slot -> its latest child
         self._stop = asyncio.Event()
         self._failed = False
+        self.failure: str | None = None  # why a first start stopped the supervisor, if one did
 
     async def run(self) -> int:
-        """Supervise until SIGTERM/SIGINT (or a child fails to start); return the exit code."""
+        """Supervise until SIGTERM/SIGINT or `stop()` (or a first start fails); return the exit
+        code."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
+            loop.add_signal_handler(signum, self.stop)
         slots = [asyncio.create_task(self._slot(slot)) for slot in range(self.processes)]
         log.info("supervisor_started", processes=self.processes, pid=os.getpid())
         await self._stop.wait()
@@ -76,28 +104,95 @@ class Supervisor:
         log.info("supervisor_stopped", exit_codes=codes)
         return 0 if clean else 1
 
+    def stop(self) -> None:
+        """Stop every child and return from `run` (what SIGTERM and SIGINT do)."""
+        self._stop.set()
+
     async def _slot(self, slot: int) -> None:
-        """Keep one child running: start it, wait for it, replace it if it dies."""
+        """Keep one child running: start it, wait for it, replace it if it dies.
+
+        Only the slot's first start may be fatal; later failures back off and try again.
+        """
+        loop = asyncio.get_running_loop()
+        first = True
+        failures = 0  # consecutive children of this slot that failed to start or died soon
+        delay = 0.0
         while not self._stop.is_set():
+            if delay:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    return
             try:
                 child, ready = await self._spawn(slot)
             except OSError as exc:
-                log.error("worker_process_failed_to_start", error=repr(exc))
-                self._fail()
-                return
+                error = f"cannot start a worker process: {exc!r}"
+                if first:
+                    self._fail(slot, error)
+                    return
+                failures += 1
+                delay = self._delay(failures)
+                log.error(
+                    "worker_process_failed_to_start",
+                    slot=slot,
+                    error=error,
+                    attempt=failures,
+                    retry_in=delay,
+                )
+                continue
             if not ready:
                 code = await child.wait()
-                if not self._stop.is_set():
-                    log.error("worker_process_failed_to_start", pid=child.pid, exit_code=code)
-                    self._fail()
-                return
+                if self._stop.is_set():
+                    return
+                if first:
+                    self._fail(slot, f"exited with code {code} before it was ready", pid=child.pid)
+                    return
+                self._forget(slot, child)
+                failures += 1
+                delay = self._delay(failures)
+                log.error(
+                    "worker_process_failed_to_start",
+                    pid=child.pid,
+                    exit_code=code,
+                    slot=slot,
+                    attempt=failures,
+                    retry_in=delay,
+                )
+                continue
+            first = False
+            started = loop.time()
             log.info("worker_process_started", pid=child.pid, slot=slot)
             code = await child.wait()
             if self._stop.is_set():
                 return
-            log.error("worker_process_died", pid=child.pid, exit_code=code, slot=slot, restart=True)
+            self._forget(slot, child)
+            # A child that ran a while is replaced at once; one that dies soon after starting,
+            # again and again (a crash at every start), backs off like a failed start.
+            failures = failures + 1 if loop.time() - started < self.backoff.cap else 0
+            delay = self._delay(failures) if failures else 0.0
+            log.error(
+                "worker_process_died",
+                pid=child.pid,
+                exit_code=code,
+                slot=slot,
+                restart=True,
+                retry_in=delay,
+            )
 
-    def _fail(self) -> None:
+    def _delay(self, failures: int) -> float:
+        return round(self.backoff.delay(failures, self._rand()), 3)
+
+    def _forget(self, slot: int, child: asyncio.subprocess.Process) -> None:
+        """Drop an exited child, so that stopping neither waits for it nor counts its exit code."""
+        if self._children.get(slot) is child:
+            del self._children[slot]
+
+    def _fail(self, slot: int, error: str, *, pid: int | None = None) -> None:
+        """A slot's first start failed: the same command would fail again, so stop everything."""
+        self.failure = f"worker process {slot} failed on its first start: {error}"
+        log.error(
+            "worker_process_failed_to_start", pid=pid, slot=slot, error=error, first_start=True
+        )
         self._failed = True
         self._stop.set()
 

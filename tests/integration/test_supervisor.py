@@ -1,4 +1,5 @@
-"""`amqtask worker --processes N`: a supervisor, its consuming children, shutdown, replacement."""
+"""`amqtask worker --processes N`: a supervisor, its consuming children, shutdown, replacement,
+and a fleet that outlives its broker's absence (on a private node)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import orjson
+import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 import amqtask
 
 from .conftest import AppFactory, app_env, records, start_worker, wait_for
+from .private_node import QUORUM_REGISTRATION_SETTLE, PrivateNode
 
 SLOW_APP = "tests.integration.apps.slow_app:app"
 
@@ -136,6 +140,67 @@ async def test_the_supervisor_exits_1_when_its_children_cannot_start(
     assert await supervised.wait() == 1, supervised
     assert supervised.count("worker_process_failed_to_start") >= 1, supervised
     assert supervised.count("worker_process_started") == 0
+
+
+@pytest.mark.timeout(300)
+async def test_a_fleet_outlives_its_broker_being_down_while_a_child_dies_and_cannot_restart(
+    unique: str, tmp_path: Path
+) -> None:
+    node = PrivateNode()
+    supervised = None
+    try:
+        await asyncio.to_thread(node.start)
+        url = node.url + "?reconnect_interval=1"
+        record = tmp_path / "record.txt"
+        job = amqtask.contract(f"{unique}.job", Job)
+        producer = amqtask.App(url, [job], namespace=unique)
+        await producer.declare()
+        await asyncio.sleep(QUORUM_REGISTRATION_SETTLE)  # before a kill -9 of the node
+        # A short start timeout: the replacement gives up waiting for the broker and exits 1
+        # before it is ready, again and again, while the broker is down.
+        supervised = await Supervised.start(
+            app_env(url, unique, record, TEST_SLEEP="0.01"), "--start-timeout", "2"
+        )
+        await wait_for(lambda: supervised.count("worker_process_started") == 2, timeout=30)
+        survivor, victim = supervised.pids("worker_process_started")
+
+        await asyncio.to_thread(node.kill)
+        os.kill(victim, signal.SIGKILL)
+        await wait_for(lambda: victim in supervised.pids("worker_process_died"), timeout=10)
+        await wait_for(lambda: supervised.count("worker_process_failed_to_start") >= 2, timeout=60)
+
+        assert supervised.process.returncode is None, supervised  # the supervisor carries on
+        assert supervised.count("supervisor_stopping") == 0, supervised
+        assert _exists(survivor)  # and the other child with it
+        failed = [e for e in supervised.events if e["event"] == "worker_process_failed_to_start"]
+        assert all(e["retry_in"] > 0 and "first_start" not in e for e in failed), supervised
+        waited = [e for e in supervised.events if e["event"] == "broker_unavailable"]
+        assert waited, supervised  # each replacement waited for the broker, saying so
+        assert all(":***@" in e["url"] and "guest:guest" not in e["url"] for e in waited)
+
+        await asyncio.to_thread(node.start)
+        await wait_for(lambda: supervised.count("worker_process_started") == 3, timeout=120)
+        await wait_for(lambda: _node_consumers_are(node.url, job.queue, 2), timeout=60)
+        async with producer:
+            await asyncio.gather(*(producer.send(job, {"n": n}) for n in range(20)))
+        await wait_for(lambda: set(records(record)[1]) == set(range(20)), timeout=60)
+
+        print(
+            f"\nreplacement failures while the broker was down: {len(failed)}, "
+            f"waits logged: {len(waited)}"
+        )
+        assert await supervised.stop() == 0, supervised
+        assert supervised.count("supervisor_stopped") == 1
+    finally:
+        if supervised is not None and supervised.process.returncode is None:
+            await supervised.stop()
+        await asyncio.to_thread(node.cleanup)
+
+
+async def _node_consumers_are(url: str, queue: str, expected: int) -> bool:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        return await consumers(connection, queue) == expected
 
 
 async def _consumers_are(amqp: AbstractConnection, queue: str, expected: int) -> bool:
