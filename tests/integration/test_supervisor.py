@@ -140,6 +140,9 @@ async def test_the_supervisor_exits_1_when_its_children_cannot_start(
     assert await supervised.wait() == 1, supervised
     assert supervised.count("worker_process_failed_to_start") >= 1, supervised
     assert supervised.count("worker_process_started") == 0
+    assert supervised.count("broker_unavailable") == 0  # missing topology: no waiting
+    [error] = [line for line in supervised.other if b"failed on its first start" in line]
+    assert error.startswith(b"error: worker process "), supervised
 
 
 @pytest.mark.timeout(300)
