@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pydantic import BaseModel
 from amqtask import _codec, topology
 from amqtask._contract import Contract, In, Out, Overflow
 from amqtask._exceptions import ContractError, PublishNacked, QueueFull
+from amqtask._execution import is_async
 from amqtask._transport import AioPikaTransport, Transport
 from amqtask.routing import DEFAULT_NAMESPACE, Names, delay_routing_key, delay_seconds
 from amqtask.rpc import Caller
@@ -109,14 +109,20 @@ class App:
     def handler(self, contract: Contract[In, Out]) -> Callable[[F], F]:
         """Register the function that runs `contract`'s tasks (worker side only).
 
-        An `async def` runs on the event loop; a plain `def` runs in a worker thread.
+        An `async def` runs on the event loop (also behind a decorator, a `functools.partial` or
+        as an object's `async def __call__`); a plain `def` runs in a worker thread, and an
+        awaitable it returns is awaited on the loop.
         """
         self._own(contract)
 
         def register(func: F) -> F:
             if contract.key in self.handlers:
                 raise ContractError(f"task {contract.name!r} already has a handler")
-            self.handlers[contract.key] = Handler(contract, func, inspect.iscoroutinefunction(func))
+            if not callable(func):
+                raise ContractError(
+                    f"task {contract.name!r}: the handler must be callable, got {func!r}"
+                )
+            self.handlers[contract.key] = Handler(contract, func, is_async(func))
             return func
 
         return register

@@ -8,14 +8,17 @@ Header names carry no `x-` prefix: RabbitMQ reserves those for itself (4.x drops
 from __future__ import annotations
 
 import os
+import struct
 import time
 import traceback as tb
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
+from pamqp.encode import field_table
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from amqtask import _tracing
@@ -43,12 +46,15 @@ FAILED_AT = "amqtask-failed-at"  # ISO 8601, UTC
 ORIGIN_QUEUE = "amqtask-queue"  # the work queue the message was taken from
 
 _MAX_HEADER_TEXT = 4000  # keeps a dead letter's headers well under the frame size
+DROPPED_HEADERS = "amqtask-dropped-headers"  # names of headers left off a copy to fit the frame
+MAX_BODY_BYTES = 64 * 1024 * 1024  # the most a compressed body may expand to
 
 
 class Reasons:
     """Why a message became a dead letter (the `amqtask-reason` header)."""
 
     UNSUPPORTED_CONTENT_TYPE = "unsupported_content_type"
+    UNSUPPORTED_CONTENT_ENCODING = "unsupported_content_encoding"
     UNDECODABLE_BODY = "undecodable_body"
     MISSING_TASK_HEADER = "missing_task_header"
     UNKNOWN_TASK = "unknown_task"
@@ -56,6 +62,7 @@ class Reasons:
     INVALID_RESULT = "invalid_result"  # a called handler's return value does not fit `returns`
     HANDLER_ERROR = "handler_error"  # the last attempt failed, or the error is not retried
     REJECTED = "rejected"  # the handler raised `amqtask.Reject`
+    EXPIRED = "expired"  # a call whose caller stopped waiting before it could start (acked)
 
 
 @dataclass(slots=True)
@@ -69,6 +76,7 @@ class Outgoing:
     correlation_id: str | None = None
     reply_to: str | None = None
     expiration: float | None = None  # seconds
+    content_encoding: str | None = None
 
 
 class Delivery(Protocol):
@@ -82,6 +90,8 @@ class Delivery(Protocol):
     def message_id(self) -> str | None: ...
     @property
     def content_type(self) -> str | None: ...
+    @property
+    def content_encoding(self) -> str | None: ...
     @property
     def correlation_id(self) -> str | None: ...
     @property
@@ -155,29 +165,94 @@ def header_int(value: Any, default: int | None = None) -> int | None:
         return default
 
 
+def _media_type(content_type: str) -> tuple[str, dict[str, str]]:
+    """`type/subtype` (lower case) and the parameters of a content type."""
+    kind, *params = content_type.split(";")
+    parsed: dict[str, str] = {}
+    for param in params:
+        name, _, value = param.partition("=")
+        parsed[name.strip().lower()] = value.strip().strip('"').lower()
+    return kind.strip().lower(), parsed
+
+
+def _check_content_type(content_type: str | None, body: bytes) -> None:
+    """JSON, with no charset or UTF-8 (RFC 8259: JSON between systems is UTF-8)."""
+    if not content_type:
+        return
+    kind, params = _media_type(content_type)
+    charset = params.get("charset", "utf-8")
+    if kind != CONTENT_TYPE or charset not in ("utf-8", "utf8"):
+        raise DecodeError(
+            Reasons.UNSUPPORTED_CONTENT_TYPE,
+            f"content type {content_type!r} is not {CONTENT_TYPE!r} (UTF-8)",
+            body=body,
+        )
+
+
+def _inflate(body: bytes, wbits: int) -> bytes:
+    """Decompress a whole zlib/gzip/raw-deflate stream (by `wbits`) of at most `MAX_BODY_BYTES`.
+
+    Raises `zlib.error` for bad or truncated data, `OverflowError` when it expands too far.
+    """
+    inflater = zlib.decompressobj(wbits)
+    expanded = inflater.decompress(body, MAX_BODY_BYTES + 1)
+    if len(expanded) > MAX_BODY_BYTES or inflater.unconsumed_tail:
+        raise OverflowError(f"the body expands beyond {MAX_BODY_BYTES} bytes")
+    if not inflater.eof:
+        raise zlib.error("incomplete or truncated stream")
+    return expanded
+
+
+# What `content_encoding` names, and the zlib window bits that read it (deflate, per RFC 9110, is
+# a zlib stream; raw deflate is accepted as well).
+_ENCODINGS = {
+    "gzip": (16 + zlib.MAX_WBITS,),
+    "x-gzip": (16 + zlib.MAX_WBITS,),
+    "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS),
+}
+
+
+def _decoded_body(encoding: str | None, body: bytes) -> bytes:
+    """The body with its `content_encoding` undone: none, gzip or deflate. Raises `DecodeError`."""
+    name = (encoding or "").strip().lower()
+    if name in ("", "identity"):
+        return body
+    if name not in _ENCODINGS:
+        raise DecodeError(
+            Reasons.UNSUPPORTED_CONTENT_ENCODING,
+            f"content encoding {encoding!r} is not supported (use gzip, deflate or none)",
+            body=body,
+        )
+    error: Exception = zlib.error("no data")
+    for wbits in _ENCODINGS[name]:
+        try:
+            return _inflate(body, wbits)
+        except zlib.error as exc:
+            error = exc
+        except OverflowError as exc:
+            raise DecodeError(Reasons.UNDECODABLE_BODY, str(exc), body=body) from None
+    raise DecodeError(
+        Reasons.UNDECODABLE_BODY, f"the body is not valid {name} data: {error}", body=body
+    )
+
+
 def decode_task(
     delivery: Delivery, contracts: Mapping[tuple[str, int], Contract[Any, Any]]
 ) -> tuple[Contract[Any, Any], BaseModel]:
     """Find the message's contract and validate its body. Raises `DecodeError`."""
     body = delivery.body
-    if delivery.content_type not in (None, "", CONTENT_TYPE):
-        raise DecodeError(
-            Reasons.UNSUPPORTED_CONTENT_TYPE,
-            f"content type {delivery.content_type!r} is not {CONTENT_TYPE!r}",
-            body=body,
-        )
+    _check_content_type(delivery.content_type, body)
     headers = delivery.headers or {}
     name = header_text(headers.get(TASK))
     if not name:
         raise DecodeError(
             Reasons.MISSING_TASK_HEADER, f"the message has no {TASK!r} header", body=body
         )
-    try:
-        version = int(headers.get(VERSION, 1))
-    except (TypeError, ValueError):
+    version = header_int(headers.get(VERSION, 1))
+    if version is None:
         raise DecodeError(
             Reasons.UNKNOWN_TASK, f"task {name!r} has an invalid version header", body=body
-        ) from None
+        )
     contract = contracts.get((name, version))
     if contract is None:
         known = ", ".join(sorted(f"{n} v{v}" for n, v in contracts)) or "none"
@@ -186,8 +261,9 @@ def decode_task(
             f"no handler for task {name!r} v{version} here (handled: {known})",
             body=body,
         )
+    data = _decoded_body(delivery.content_encoding, body)
     try:
-        return contract, contract.input.model_validate_json(body)
+        return contract, contract.input.model_validate_json(data)
     except ValidationError as exc:
         if any(error["type"] == "json_invalid" for error in exc.errors()):
             raise DecodeError(
@@ -200,12 +276,103 @@ def decode_task(
         ) from None
 
 
-def attempt_of(delivery: Delivery) -> int:
-    """Which attempt this delivery is (1 for a task never retried)."""
+@dataclass(slots=True)
+class Envelope:
+    """A delivery decoded once: what the worker's pipeline reads, whatever the message held.
+
+    `problem` is set when the message cannot become a task (then `contract` and `payload` are
+    None); `task` is the task header as text, for logs, even for an unknown task.
+    """
+
+    delivery: Delivery
+    queue: str  # the work queue it belongs to (dead letters and retries are routed by it)
+    task: str | None
+    attempt: int
+    contract: Contract[Any, Any] | None = None
+    payload: BaseModel | None = None
+    problem: DecodeError | None = None
+
+    @property
+    def message_id(self) -> str | None:
+        return self.delivery.message_id
+
+    @property
+    def is_call(self) -> bool:
+        return bool(self.delivery.reply_to)
+
+
+def open_envelope(
+    delivery: Delivery, queue: str, contracts: Mapping[tuple[str, int], Contract[Any, Any]]
+) -> Envelope:
+    """Decode `delivery` for `queue`'s worker. Never raises: a message that is not a task of
+    `contracts` comes back with its `problem`."""
+    headers = delivery.headers or {}
+    envelope = Envelope(
+        delivery, queue, task=header_text(headers.get(TASK)), attempt=attempt_of(delivery)
+    )
     try:
-        return max(int((delivery.headers or {}).get(ATTEMPT, 1)), 1)
-    except (TypeError, ValueError):
-        return 1
+        envelope.contract, envelope.payload = decode_task(delivery, contracts)
+    except DecodeError as exc:
+        envelope.problem = exc
+    except Exception as exc:  # a validator or decoder failing in a way of its own
+        envelope.problem = DecodeError(
+            Reasons.UNDECODABLE_BODY, f"decoding failed: {describe(exc)}", body=delivery.body
+        )
+    return envelope
+
+
+def attempt_of(delivery: Delivery) -> int:
+    """Which attempt this delivery is (1 for a task never retried or with an unreadable count)."""
+    attempt = header_int((delivery.headers or {}).get(ATTEMPT), 1)
+    return max(attempt or 1, 1)
+
+
+# --- failures, written so that they cannot fail -----------------------------------------------
+
+
+def safe_text(value: Any, limit: int = _MAX_HEADER_TEXT) -> str:
+    """`value` as text for a header or a log line, at most `limit` characters; never raises.
+
+    Lone surrogates (as in `FileNotFoundError("caf\\udce9")`) are escaped, so the text always
+    encodes as UTF-8; a `__str__` that raises or returns a non-string reads as the type's name.
+    """
+    try:
+        text = value if isinstance(value, str) else str(value)
+        if not isinstance(text, str):
+            raise TypeError("__str__ returned a non-string")
+    except Exception:
+        text = f"<unprintable {type(value).__name__}>"
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def type_name(exc: BaseException) -> str:
+    """The qualified class name of `exc` (`builtins.KeyError`)."""
+    kind = type(exc)
+    return safe_text(f"{kind.__module__}.{kind.__qualname__}")
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message`, safe for any exception."""
+    return f"{safe_text(type(exc).__name__)}: {safe_text(exc)}"
+
+
+def trimmed_traceback(exc: BaseException, limit: int = _MAX_HEADER_TEXT) -> str:
+    """The exception's traceback, keeping its end (where it was raised) within `limit`."""
+    try:
+        text = "".join(tb.format_exception(exc))
+    except Exception:  # a traceback object of an unusual kind: the message at least
+        text = describe(exc)
+    text = safe_text(text, limit=len(text))
+    return text if len(text) <= limit else "...\n" + text[-(limit - 4) :]
+
+
+def failure_headers(exc: BaseException, error: str | None = None) -> dict[str, Any]:
+    """What a dead letter or an error reply says of a failure: message, type, traceback."""
+    return {
+        ERROR: safe_text(describe(exc) if error is None else error),
+        ERROR_TYPE: type_name(exc),
+        TRACEBACK: trimmed_traceback(exc),
+    }
 
 
 # Headers the broker adds when it dead-letters. A copy we publish again must not carry them: the
@@ -214,21 +381,49 @@ def attempt_of(delivery: Delivery) -> int:
 _BROKER_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
 
 
-def _fresh_headers(delivery: Delivery) -> dict[str, Any]:
-    return {
-        key: value
+def sendable_header(value: Any) -> Any:
+    """A header value as it was received, in a form the client can encode again.
+
+    pamqp decodes a long string that is not UTF-8 as `bytes`, which it cannot encode: it goes back
+    as a byte array, byte for byte. It encodes every float as a 32-bit float: a double beyond that
+    range goes back as its text rather than failing the replay.
+    """
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, float):
+        try:
+            struct.pack(">f", value)
+        except (OverflowError, struct.error):
+            return repr(value)
+        return value
+    if isinstance(value, dict):
+        return {key: sendable_header(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [sendable_header(item) for item in value]
+    return value
+
+
+def _copy(delivery: Delivery, ours: dict[str, Any]) -> Outgoing:
+    """A copy of `delivery` to publish again: body, message id, content type and encoding
+    kept byte for byte; the broker's death headers dropped; `ours` set over the rest."""
+    headers = {
+        key: sendable_header(value)
         for key, value in (delivery.headers or {}).items()
-        if not key.startswith(_BROKER_DEATH_HEADERS)
+        if isinstance(key, str) and not key.startswith(_BROKER_DEATH_HEADERS)
     }
+    headers.update(ours)
+    return Outgoing(
+        body=delivery.body,
+        message_id=delivery.message_id or new_message_id(),
+        headers=headers,
+        content_type=delivery.content_type,
+        content_encoding=delivery.content_encoding,
+        correlation_id=delivery.correlation_id,
+    )
 
 
-def _failure(headers: dict[str, Any], exc: BaseException) -> None:
-    now = datetime.now(UTC).isoformat()
-    headers.setdefault(FIRST_FAILED_AT, now)
-    headers[FAILED_AT] = now
-    headers[ERROR] = f"{type(exc).__name__}: {exc}"[:_MAX_HEADER_TEXT]
-    headers[ERROR_TYPE] = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    headers[TRACEBACK] = trimmed_traceback(exc)
+def _first_failed_at(delivery: Delivery, now: str) -> str:
+    return header_text((delivery.headers or {}).get(FIRST_FAILED_AT)) or now
 
 
 def retry_copy(delivery: Delivery, *, attempt: int, exc: BaseException) -> Outgoing:
@@ -236,22 +431,14 @@ def retry_copy(delivery: Delivery, *, attempt: int, exc: BaseException) -> Outgo
 
     Body and message id are kept, so the retried task is the same task to an idempotent handler.
     """
-    headers = _fresh_headers(delivery)
-    _failure(headers, exc)
-    headers[ATTEMPT] = attempt
-    return Outgoing(
-        body=delivery.body,
-        message_id=delivery.message_id or new_message_id(),
-        headers=headers,
-        content_type=delivery.content_type,
-        correlation_id=delivery.correlation_id,
-    )
-
-
-def trimmed_traceback(exc: BaseException, limit: int = _MAX_HEADER_TEXT) -> str:
-    """The exception's traceback, keeping its end (where it was raised) within `limit`."""
-    text = "".join(tb.format_exception(exc))
-    return text if len(text) <= limit else "...\n" + text[-(limit - 4) :]
+    now = datetime.now(UTC).isoformat()
+    ours = {
+        **failure_headers(exc),
+        FIRST_FAILED_AT: _first_failed_at(delivery, now),
+        FAILED_AT: now,
+        ATTEMPT: attempt,
+    }
+    return _copy(delivery, ours)
 
 
 def dead_letter(
@@ -268,25 +455,61 @@ def dead_letter(
     `exc`, the headers also hold its type and traceback, the attempt count and the first and
     last failure times.
     """
-    headers = _fresh_headers(delivery)
+    now = datetime.now(UTC).isoformat()
+    ours: dict[str, Any] = {}
     if exc is not None:
-        _failure(headers, exc)
-        headers[ATTEMPT] = attempt_of(delivery)
-    headers.update(
-        {
-            REASON: reason,
-            ERROR: error[:_MAX_HEADER_TEXT],
-            FAILED_AT: datetime.now(UTC).isoformat(),
-            ORIGIN_QUEUE: queue,
-        }
+        ours.update(failure_headers(exc))
+        ours[FIRST_FAILED_AT] = _first_failed_at(delivery, now)
+        ours[ATTEMPT] = attempt_of(delivery)
+    ours.update(
+        {REASON: safe_text(reason), ERROR: safe_text(error), FAILED_AT: now, ORIGIN_QUEUE: queue}
     )
-    return Outgoing(
-        body=delivery.body,
-        message_id=delivery.message_id or new_message_id(),
-        headers=headers,
-        content_type=delivery.content_type,
-        correlation_id=delivery.correlation_id,
-    )
+    return _copy(delivery, ours)
+
+
+def _encoded_size(value: Any) -> int | None:
+    """Bytes `value` takes in an AMQP field table, or None if it cannot be encoded."""
+    try:
+        return len(field_table({"k": value}))
+    except Exception:
+        return None
+
+
+def fit_headers(message: Outgoing, budget: int) -> Outgoing:
+    """Make `message`'s headers encodable within `budget` bytes (the frame they travel in).
+
+    The broker closes the whole connection for a header frame over the negotiated `frame_max`,
+    so a copy of a message with huge headers would fail every delivery of that connection.
+    Headers that do not encode, then the largest ones not amqtask's own, are left off, and their
+    names listed in `amqtask-dropped-headers`. Changes `message` in place and returns it.
+    """
+    sizes = {key: _encoded_size(value) for key, value in message.headers.items()}
+    dropped = [key for key, size in sizes.items() if size is None]
+    total = sum(size for size in sizes.values() if size is not None)
+    if total > budget:
+        foreign = sorted(
+            (key for key, size in sizes.items() if size is not None and not key.startswith(_OURS)),
+            key=lambda key: sizes[key] or 0,
+            reverse=True,
+        )
+        for key in foreign:
+            if total <= budget:
+                break
+            total -= sizes[key] or 0
+            dropped.append(key)
+    if not dropped:
+        return message
+    for key in dropped:
+        del message.headers[key]
+    message.headers[DROPPED_HEADERS] = safe_text(",".join(dropped), limit=1000)
+    if total + 1100 > budget:  # a tiny frame_max: even amqtask's own texts must be cut short
+        for key in (TRACEBACK, ERROR):
+            if key in message.headers:
+                message.headers[key] = safe_text(message.headers[key], limit=200)
+    return message
+
+
+_OURS = "amqtask-"
 
 
 # --- calls and replies ----------------------------------------------------------------------
@@ -319,9 +542,8 @@ def call_expired(delivery: Delivery, now: float | None = None) -> bool:
     """
     if not delivery.reply_to:
         return False
-    try:
-        deadline_ms = int((delivery.headers or {})[DEADLINE])
-    except (KeyError, TypeError, ValueError):
+    deadline_ms = header_int((delivery.headers or {}).get(DEADLINE))
+    if deadline_ms is None:
         return False
     return (time.time() if now is None else now) * 1000 > deadline_ms
 
@@ -371,12 +593,12 @@ def error_reply(
     `error` is the message; with `exc`, its type and (unless `traceback` is false) its trimmed
     traceback are added.
     """
-    headers: dict[str, Any] = {REASON: reason, ERROR: error[:_MAX_HEADER_TEXT]}
-    task = (request.headers or {}).get(TASK)
+    headers: dict[str, Any] = {REASON: safe_text(reason), ERROR: safe_text(error)}
+    task = header_text((request.headers or {}).get(TASK))
     if task is not None:
-        headers[TASK] = header_text(task)
+        headers[TASK] = safe_text(task)
     if exc is not None:
-        headers[ERROR_TYPE] = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        headers[ERROR_TYPE] = type_name(exc)
         if traceback:
             headers[TRACEBACK] = trimmed_traceback(exc)
     return Outgoing(

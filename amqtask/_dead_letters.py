@@ -14,7 +14,6 @@ shows as text.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -130,28 +129,6 @@ class DeadLetter:
 _BROKER_DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
 
 
-def _sendable(value: Any) -> Any:
-    """A header value as it was received, in a form the client can encode again.
-
-    pamqp decodes a long string that is not UTF-8 as `bytes`, which it cannot encode: it goes back
-    as a byte array, byte for byte. It encodes every float as a 32-bit float: a double beyond that
-    range goes back as its text rather than failing the replay.
-    """
-    if isinstance(value, bytes):
-        return bytearray(value)
-    if isinstance(value, float):
-        try:
-            struct.pack(">f", value)
-        except (OverflowError, struct.error):
-            return repr(value)
-        return value
-    if isinstance(value, dict):
-        return {key: _sendable(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_sendable(item) for item in value]
-    return value
-
-
 async def _dead_letter_queue(
     channel: AbstractChannel, contract: Contract[Any, Any]
 ) -> AbstractQueue:
@@ -224,7 +201,7 @@ async def replay(
             if ids is not None and message.message_id not in ids:
                 continue  # left unacked: back in the queue when the channel closes
             headers = {
-                key: _sendable(value)
+                key: _codec.sendable_header(value)
                 for key, value in (message.headers or {}).items()
                 if key not in _FAILURE_HEADERS and not key.startswith(_BROKER_DEATH_HEADERS)
             }

@@ -40,7 +40,10 @@ def consumer_span(headers: Mapping[str, Any], task: str) -> Iterator[None]:
         # microseconds a task).
         yield
         return
-    carrier = {k: v.decode() if isinstance(v, bytes) else v for k, v in headers.items()}
+    carrier = {
+        k: bytes(v).decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else v
+        for k, v in headers.items()
+    }
     parent = propagate.extract(carrier)
     tracer = trace.get_tracer("amqtask")
     with tracer.start_as_current_span(

@@ -97,6 +97,12 @@ class Transport(Protocol):
         timeout: float | None,
         mandatory: bool = True,
     ) -> None: ...
+    @property
+    def header_budget(self) -> int:
+        """Bytes a published message's headers may take: they travel in one frame, and a frame
+        over the negotiated `frame_max` makes the broker close the whole connection."""
+        ...
+
     async def consume(
         self, queue: str, on_message: OnMessage, *, prefetch: int
     ) -> Subscription: ...
@@ -126,6 +132,7 @@ def _properties(message: Outgoing) -> aiormq.spec.Basic.Properties:
         reply_to=message.reply_to,
         expiration=None if expiration is None else str(int(expiration * 1000)),  # milliseconds
         message_id=message.message_id,
+        content_encoding=message.content_encoding,
     )
 
 
@@ -196,6 +203,9 @@ _LOST_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.ChannelInvalidStateError,
     aiormq.exceptions.AMQPError,
 )
+
+_DEFAULT_FRAME_MAX = 131072  # RabbitMQ's default, also what "no limit" (0) falls back to here
+_PROPERTIES_ROOM = 4096
 
 _CANCEL_TIMEOUT = 5.0
 _CANCEL_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *SETTLE_ERRORS)
@@ -307,7 +317,7 @@ class AioPikaTransport:
         self.url = url
         self.name = name
         self._connection: AbstractRobustConnection | None = None
-        self._publish_channel: AbstractChannel | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -353,12 +363,32 @@ class AioPikaTransport:
     ) -> None:
         """Publish persistent and wait for the broker's confirm.
 
-        Raises `Unroutable` (returned by `mandatory`), `PublishNacked`, `PublishTimeout`, or
-        `PublishInterrupted` when the connection is down or drops before the confirm.
+        While the connection is being restored, waits for it (within `timeout`) and publishes
+        then. Raises `Unroutable` (returned by `mandatory`), `PublishNacked`, `PublishTimeout`
+        (nothing published when the connection did not come back in time), or
+        `PublishInterrupted` when the connection drops after the publish, before the confirm.
         """
         channel = self._publish_channel
         if channel is None:
             raise NotConnected("not connected: use `async with app:` first")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while channel.is_closed:
+            # Nothing is published yet, so the outcome is known: wait for the robust channel to
+            # be restored rather than fail a send that a reconnect a moment later would take.
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await channel.ready()
+                    if channel.is_closed:  # restored and closed again at once: give it a moment
+                        await asyncio.sleep(0.05)
+            except TimeoutError:
+                raise PublishTimeout(
+                    f"task {task!r}: the connection to the broker was not restored within "
+                    f"{timeout} s; message {message.message_id} was not published",
+                    task=task,
+                    message_id=message.message_id,
+                ) from None
+        remaining = None if deadline is None else max(deadline - loop.time(), 0.001)
         # Exchanges are not declared here: `amqtask declare` owns the topology; a missing one
         # surfaces as a channel error on publish.
         try:
@@ -368,7 +398,7 @@ class AioPikaTransport:
                 routing_key,
                 message,
                 task=task,
-                timeout=timeout,
+                timeout=remaining,
                 mandatory=mandatory,
             )
         except _LOST_ERRORS as exc:
@@ -379,6 +409,15 @@ class AioPikaTransport:
                 task=task,
                 message_id=message.message_id,
             ) from exc
+
+    @property
+    def header_budget(self) -> int:
+        connection = self._connection
+        underlay = None if connection is None else connection.transport
+        tune = None if underlay is None else getattr(underlay.connection, "connection_tune", None)
+        frame_max = getattr(tune, "frame_max", 0) or _DEFAULT_FRAME_MAX
+        # The header frame also holds the other properties (short strings) and frame overhead.
+        return frame_max - _PROPERTIES_ROOM
 
     async def consume(self, queue: str, on_message: OnMessage, *, prefetch: int) -> Subscription:
         """Consume `queue` with manual acks on a channel of its own with `prefetch` in flight."""

@@ -1,47 +1,47 @@
-"""The worker: consume, validate, run the handler, then settle. At-least-once.
+"""The worker: consume, then for each delivery decode once, run, settle once. At-least-once.
 
-Every delivery ends in exactly one of:
-- handler returned            -> ack (only now: a crash before this means redelivery);
-- undecodable or invalid      -> a copy with the reason in its headers is published to the
-                                 dead-letter queue and confirmed, then the original is acked;
-- handler raised, retries left -> a copy for the next attempt goes through the broker's delay
-                                 levels (backoff), confirmed, then the original is acked;
-- handler raised, no retry     -> dead-lettered with the exception's type, message, traceback,
-                                 attempt count and first/last failure times;
-- handler raised `Reject`      -> dead-lettered at once;
-- shutdown before it finished -> left unacked: the broker redelivers it to another consumer.
+The pipeline a delivery takes (`_process`):
+1. `_codec.open_envelope` decodes it into an `Envelope` and never raises: a message that is
+   not a task of this worker carries its `problem` (the dead letter's reason).
+2. `_run` turns it into an `Outcome` value: refused (not a task), expired (a call nobody awaits),
+   or what the handler did, run by an executor (`amqtask._execution`: the event loop for
+   `async def`, threads for plain `def`).
+3. `Settler.settle` (`amqtask._settle`) maps the outcome to ack, retry, dead letter, reply or
+   release, in one place that cannot raise and has a bound on every wait.
 
-A call (a delivery with `reply_to`) is the same task with an answer: the worker replies with the
-result, or with the error next to the dead-lettering (a call is never retried), and drops a call
-whose caller stopped waiting before it could start (`call_expired`; acked, not run).
+Shutdown before a handler finished leaves its delivery unacked: the broker redelivers it.
+A new step (time limits, revocation, a task store) plugs into this pipeline as a step or an
+executor, not as another branch that settles on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import time
 from collections import defaultdict
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from pydantic import ValidationError
 
 from amqtask import _codec, _tracing
-from amqtask._app import App, Handler
-from amqtask._contract import Contract
-from amqtask._exceptions import AmqtaskError, DecodeError, Reject
+from amqtask._app import App
+from amqtask._exceptions import AmqtaskError
+from amqtask._execution import (
+    Expired,
+    LoopExecutor,
+    Outcome,
+    Refused,
+    ThreadExecutor,
+    execute,
+)
 from amqtask._metrics import WorkerMetrics
-from amqtask._transport import SETTLE_ERRORS, IncomingDelivery, Subscription
-from amqtask.routing import delay_routing_key, delay_seconds, due_queue_name
+from amqtask._settle import Settled, Settler
+from amqtask._transport import IncomingDelivery, Subscription
+from amqtask.routing import due_queue_name
 
 log = structlog.get_logger("amqtask.worker")
-
-_DEAD_LETTER_ERRORS: tuple[type[BaseException], ...] = (AmqtaskError, *SETTLE_ERRORS)
-_RETRY_ERRORS: tuple[type[BaseException], ...] = (*_DEAD_LETTER_ERRORS, ValueError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +80,14 @@ class Worker:
         self._slots = asyncio.Semaphore(self.settings.concurrency)
         self._executor = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix="amqtask-handler"
+        )
+        self._loop_executor = LoopExecutor()
+        self._thread_executor = ThreadExecutor(self._executor)
+        self._settler = Settler(
+            app.transport,
+            app.names,
+            # A worker never waits without bound: with no app-wide bound, 30 s.
+            publish_timeout=app.publish_timeout or 30.0,
         )
         self._subscriptions: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()  # every delivery's task, started or waiting
@@ -196,8 +204,9 @@ class Worker:
             self._running.add(task)
             metrics = self.metrics
             if metrics is not None:
-                name = _codec.header_text((delivery.headers or {}).get(_codec.TASK))
-                metrics.received.labels(name or "unknown").inc()
+                metrics.received.labels(
+                    _codec.header_text((delivery.headers or {}).get(_codec.TASK)) or "unknown"
+                ).inc()
                 metrics.in_flight.inc()
             try:
                 await self._process(queue, delivery)
@@ -207,287 +216,41 @@ class Worker:
                     metrics.in_flight.dec()
 
     async def _process(self, queue: str, delivery: IncomingDelivery) -> None:
+        """Decode once, run, settle once: every delivery ends acked, retried, dead-lettered,
+        answered or released, whatever the message or the handler did."""
         started = time.perf_counter()
-        message_id = delivery.message_id
-        try:
-            contract, payload = _codec.decode_task(delivery, self._contracts)
-        except DecodeError as exc:
-            task_name = _codec.header_text((delivery.headers or {}).get(_codec.TASK))
-            await self._fail(
-                queue, delivery, reason=exc.reason, error=exc.detail, exc=exc, decoded=False
-            )
-            self._outcome("rejected", task_name, message_id, started, reason=exc.reason)
-            return
-        if _codec.call_expired(delivery):
-            # The caller has given up: nobody would read the result.
-            await self._settle(delivery, "ack")
-            self.counts["expired"] += 1
-            log.warning(
-                "call_expired",
-                task=contract.name,
-                message_id=message_id,
-                correlation_id=delivery.correlation_id,
-            )
-            return
-        handler = self.app.handlers[contract.key]
-        attempt = _codec.attempt_of(delivery)
-        try:
-            result = await self._run_handler(handler, payload, delivery.headers)
-        except Reject as signal:
-            await self._fail(
-                queue, delivery, reason=_codec.Reasons.REJECTED, error=signal.reason, exc=signal
-            )
-            self._outcome(
-                "rejected",
-                contract.name,
-                message_id,
-                started,
-                reason="rejected",
-                error=signal.reason,
-            )
-            return
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            # A call's caller is waiting: its failure is answered, not retried later.
-            if delivery.reply_to is None and contract.retry.retries(exc, attempt):
-                delay = await self._retry(queue, delivery, contract, attempt, exc)
-                self._outcome(
-                    "retried",
-                    contract.name,
-                    message_id,
-                    started,
-                    attempt=attempt,
-                    retry_in_s=delay,
-                    error=error,
-                )
-                return
-            await self._fail(
-                queue,
-                delivery,
-                reason=_codec.Reasons.HANDLER_ERROR,
-                error=error,
-                exc=exc,
-                answer=str(exc),  # the caller gets the type separately, as RemoteError's
-            )
-            self._outcome(
-                "failed", contract.name, message_id, started, attempt=attempt, error=error
-            )
-            return
-        if delivery.reply_to and not await self._reply(queue, contract, delivery, result):
-            self._outcome(
-                "failed",
-                contract.name,
-                message_id,
-                started,
-                attempt=attempt,
-                reason=_codec.Reasons.INVALID_RESULT,
-            )
-            return
-        await self._settle(delivery, "ack")
-        self._outcome("succeeded", contract.name, message_id, started, attempt=attempt)
+        envelope = _codec.open_envelope(delivery, queue, self._contracts)
+        outcome = await self._run(envelope)
+        settled = await self._settler.settle(envelope, outcome)
+        self._outcome(settled, envelope, started)
 
-    async def _retry(
-        self,
-        queue: str,
-        delivery: IncomingDelivery,
-        contract: Contract[Any, Any],
-        attempt: int,
-        exc: BaseException,
-    ) -> int | None:
-        """Re-publish through the delay levels for the next attempt, confirmed, then ack.
-
-        The worker holds nothing while the task waits: the delay is a broker queue's TTL.
-        Returns the delay in seconds, or None if the copy could not be published (then the task
-        is dead-lettered rather than lost or retried in a tight loop).
-        """
-        copy = _codec.retry_copy(delivery, attempt=attempt + 1, exc=exc)
-        try:
-            seconds = delay_seconds(contract.retry.delay_before(attempt + 1))
-            await self.app.transport.publish(
-                self.app.names.delay_entry_exchange,
-                delay_routing_key(seconds, queue),
-                copy,
-                task=contract.name,
-                timeout=self.app.publish_timeout,
-            )
-        except _RETRY_ERRORS as publish_error:
-            log.error(
-                "retry_publish_failed", message_id=delivery.message_id, error=repr(publish_error)
-            )
-            await self._dead_letter(
-                queue,
-                delivery,
-                reason=_codec.Reasons.HANDLER_ERROR,
-                error=f"{type(exc).__name__}: {exc} (no retry: {publish_error})",
-                exc=exc,
-            )
-            return None
-        await self._settle(delivery, "ack")
-        return seconds
-
-    async def _reply(
-        self, queue: str, contract: Contract[Any, Any], delivery: IncomingDelivery, result: Any
-    ) -> bool:
-        """Answer a call with the handler's result, checked against the output model.
-
-        A result that does not fit is answered with an error and dead-lettered: returns False.
-        """
-        try:
-            reply = _codec.encode_reply(contract, result, request=delivery)
-        except ValidationError as exc:
-            output = getattr(contract.output, "__name__", repr(contract.output))
-            error = f"the handler's result does not fit {output}: {exc}"
-            await self._fail(
-                queue, delivery, reason=_codec.Reasons.INVALID_RESULT, error=error, exc=exc
-            )
-            return False
-        await self._send_reply(delivery, reply)
-        return True
-
-    async def _fail(
-        self,
-        queue: str,
-        delivery: IncomingDelivery,
-        *,
-        reason: str,
-        error: str,
-        exc: BaseException,
-        answer: str | None = None,
-        decoded: bool = True,
-    ) -> None:
-        """Answer a waiting caller with why its request failed, then dead-letter the delivery.
-
-        `answer` is what the caller reads (default: `error`). A delivery that was never
-        `decoded` gets no traceback in the reply and no exception details on its dead letter.
-        """
-        await self._reply_error(
-            delivery,
-            reason=reason,
-            error=error if answer is None else answer,
-            exc=exc,
-            traceback=decoded,
-        )
-        await self._dead_letter(
-            queue, delivery, reason=reason, error=error, exc=exc if decoded else None
-        )
-
-    async def _reply_error(
-        self,
-        delivery: IncomingDelivery,
-        *,
-        reason: str,
-        error: str,
-        exc: BaseException | None = None,
-        traceback: bool = True,
-    ) -> None:
-        """Tell a waiting caller why its call failed (nothing for a task sent without reply_to)."""
-        if delivery.reply_to:
-            reply = _codec.error_reply(
-                delivery, reason=reason, error=error, exc=exc, traceback=traceback
-            )
-            await self._send_reply(delivery, reply)
-
-    async def _send_reply(self, delivery: IncomingDelivery, reply: _codec.Outgoing) -> None:
-        # Through the default exchange to the caller's direct reply-to address, and not
-        # `mandatory`: RabbitMQ 3.10 returns those as unroutable. A caller that has gone makes
-        # the broker drop the reply (at-most-once); a publish that fails is logged, not retried.
-        assert delivery.reply_to
-        try:
-            await self.app.transport.publish(
-                "",
-                delivery.reply_to,
-                reply,
-                task=_codec.header_text(reply.headers.get(_codec.TASK)) or "?",
-                timeout=self.app.publish_timeout,
-                mandatory=False,
-            )
-        except _DEAD_LETTER_ERRORS as exc:
-            log.warning(
-                "reply_failed",
-                message_id=delivery.message_id,
-                correlation_id=delivery.correlation_id,
-                error=repr(exc),
-            )
-
-    async def _run_handler(
-        self, handler: Handler, payload: Any, headers: Mapping[str, Any] | None = None
-    ) -> Any:
+    async def _run(self, envelope: _codec.Envelope) -> Outcome:
+        """The envelope's outcome: its problem, an expired call, or what its handler did."""
+        if envelope.problem is not None:
+            return Refused(envelope.problem)
+        if _codec.call_expired(envelope.delivery):
+            return Expired()  # the caller has given up: nobody would read the result
+        assert envelope.contract is not None
+        handler = self.app.handlers[envelope.contract.key]
+        executor = self._loop_executor if handler.is_async else self._thread_executor
         if not _tracing.ENABLED:
-            return await self._call(handler, payload)
-        with _tracing.consumer_span(headers or {}, handler.contract.name):
-            return await self._call(handler, payload)
+            return await execute(executor, handler.func, envelope.payload)
+        with _tracing.consumer_span(envelope.delivery.headers or {}, handler.contract.name):
+            return await execute(executor, handler.func, envelope.payload)
 
-    async def _call(self, handler: Handler, payload: Any) -> Any:
-        if handler.is_async:
-            return await handler.func(payload)
-        loop = asyncio.get_running_loop()
-        # The thread runs in a copy of this context, so the handler sees the current span.
-        context = contextvars.copy_context()
-        return await loop.run_in_executor(self._executor, context.run, handler.func, payload)
-
-    async def _dead_letter(
-        self,
-        queue: str,
-        delivery: IncomingDelivery,
-        *,
-        reason: str,
-        error: str,
-        exc: BaseException | None = None,
-    ) -> None:
-        """Publish a copy with the reason to the dead-letter queue, confirmed, then ack.
-
-        If that publish fails, the original is rejected instead: the queue's dead-letter
-        exchange still routes it to the dead-letter queue, without the reason headers.
-        """
-        copy = _codec.dead_letter(delivery, queue=queue, reason=reason, error=error, exc=exc)
-        try:
-            await self.app.transport.publish(
-                self.app.names.dead_letter_exchange,
-                queue,
-                copy,
-                task=_codec.header_text((delivery.headers or {}).get(_codec.TASK)) or "?",
-                timeout=self.app.publish_timeout,
-            )
-        except _DEAD_LETTER_ERRORS as publish_error:
-            log.error(
-                "dead_letter_publish_failed",
-                message_id=delivery.message_id,
-                queue=queue,
-                error=repr(publish_error),
-            )
-            await self._settle(delivery, "reject")
-            return
-        await self._settle(delivery, "ack")
-
-    async def _settle(self, delivery: IncomingDelivery, how: str) -> None:
-        try:
-            if how == "ack":
-                await delivery.ack()
-            else:
-                await delivery.reject(requeue=False)
-        except SETTLE_ERRORS as exc:
-            # The delivery's channel died (e.g. a reconnect): its tag is void and the broker
-            # redelivers the message. At-least-once: the handler may see it again.
-            log.warning("settle_failed", how=how, message_id=delivery.message_id, error=repr(exc))
-
-    def _outcome(
-        self,
-        outcome: str,
-        task: str | None,
-        message_id: str | None,
-        started: float,
-        **extra: Any,
-    ) -> None:
+    def _outcome(self, settled: Settled, envelope: _codec.Envelope, started: float) -> None:
+        outcome = settled.outcome
         self.counts[outcome] += 1
         seconds = time.perf_counter() - started
+        task = envelope.task
         if self.metrics is not None:
-            self.metrics.outcome(outcome, task, seconds, extra.get("reason"))
+            self.metrics.outcome(outcome, task, seconds, settled.details.get("reason"))
         level = log.info if outcome in ("succeeded", "retried") else log.warning
         level(
-            f"task_{outcome}",
+            "call_expired" if outcome == "expired" else f"task_{outcome}",
             task=task,
-            message_id=message_id,
+            message_id=envelope.message_id,
             duration_ms=round(seconds * 1000, 3),
             outcome=outcome,
-            **extra,
+            **settled.details,
         )

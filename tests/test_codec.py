@@ -54,6 +54,7 @@ class FakeDelivery:
     headers: Mapping[str, Any] = field(default_factory=dict)
     message_id: str | None = "m-1"
     content_type: str | None = CONTENT_TYPE
+    content_encoding: str | None = None
     correlation_id: str | None = None
     reply_to: str | None = None
     redelivered: bool | None = False

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from amqtask._codec import ATTEMPT, ERROR, FIRST_FAILED_AT, REASON, TASK
-from amqtask._dead_letters import PREVIEW_BYTES, DeadLetter, _sendable, last_death_reason
+from amqtask._codec import ATTEMPT, ERROR, FIRST_FAILED_AT, REASON, TASK, sendable_header
+from amqtask._dead_letters import PREVIEW_BYTES, DeadLetter, last_death_reason
 
 
 @dataclass
@@ -133,7 +133,7 @@ def test_replayed_headers_are_encodable_again_and_keep_their_bytes() -> None:
         "nested": {"list": [b"\xfe", 1.5, 1e300]},
         "kept": Decimal("1.25"),
     }
-    assert _sendable(headers) == {
+    assert sendable_header(headers) == {
         "text": bytearray(b"\xffbad"),
         "nested": {"list": [bytearray(b"\xfe"), 1.5, "1e+300"]},
         "kept": Decimal("1.25"),
