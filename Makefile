@@ -1,10 +1,11 @@
 # `make example` runs the example services against the local broker; `make test` runs the checks.
-# Both create .venv and install the project into it on first use.
+# `make chaos` runs the chaos run (a few minutes, on a private RabbitMQ node; see the README).
+# All of them create .venv and install the project into it on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: example test lint clean
+.PHONY: example test lint chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(PY) -m pytest
+
+chaos: $(VENV)/.installed
+	$(PY) -m tests.chaos --duration 180
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
