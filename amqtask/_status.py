@@ -35,19 +35,18 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-import aio_pika
 import aiormq.exceptions
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from amqtask._app import App
-from amqtask._asyncapi import vhost_of
 from amqtask._contract import Contract
+from amqtask._transport import open_connection
+from amqtask._urls import safe_url, vhost_of
 from amqtask.routing import DELAY_LEVELS, Names, dead_letter_queue_name, due_queue_name
 
 UNKNOWN_OVER_AMQP = (
-    "unacked, dead-letter hand-over (dl-pending) and in/out rates need the management API "
-    "(--management-url)"
+    "unacked, dl-pending and in/out rates need the management API (--management-url)"
 )
 
 
@@ -176,7 +175,9 @@ class Management:
     def from_urls(cls, management_url: str, amqp_url: str, timeout: float = 5.0) -> Management:
         parts = urlsplit(management_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"expected http(s)://[user:pass@]host:port, got {management_url!r}")
+            raise ValueError(
+                f"expected http(s)://[user:pass@]host:port, got {safe_url(management_url)!r}"
+            )
         amqp = urlsplit(amqp_url)
         username = parts.username or amqp.username or "guest"
         password = parts.password or amqp.password or "guest"
@@ -286,7 +287,9 @@ class Sampler:
 
     async def sample(self) -> Sample:
         if self._connection is None:
-            self._connection = await aio_pika.connect(self.app.url, name="amqtask-status")
+            self._connection = await open_connection(
+                self.app.url, name="amqtask-status", timeout=self.app.connect_timeout
+            )
         queues = await _passive(self._connection, self.queues)
         if self.management is None:
             return Sample(Source.AMQP, queues)
@@ -488,7 +491,7 @@ def render(data: Mapping[str, Any]) -> str:
         )
         lines.append(
             f"dl-pending in the delay levels: {_cell(delayed['dead_letter_pending'])} "
-            "(expired, not yet accepted by the next level or a due queue)"
+            "(dead-lettered, not yet taken by the next hop)"
         )
     if missing:
         lines.append(f"missing queue(s): {', '.join(missing)}: run amqtask declare")
