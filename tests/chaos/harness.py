@@ -257,8 +257,8 @@ class Result:
         lines.append(f"in-flight gauges by metrics port: {self.in_flight}")
         if self.supervisor_stop_code is not None:
             lines.append(f"supervisor exit code on SIGTERM at the end: {self.supervisor_stop_code}")
-        events = Counter(
-            line.event for line in self.log if line.level in ("warning", "error", "critical")
+        events = Counter(  # stdlib records (aio-pika's) have their whole message as the event
+            line.event[:60] for line in self.log if line.level in ("warning", "error", "critical")
         )
         lines.append(f"worker log, warnings and errors: {_counts(events) or 'none'}")
         if self.plain_log_lines:
