@@ -4,13 +4,18 @@ from amqtask._app import App
 from amqtask._contract import Contract, Overflow, QueueType, Retry, contract
 from amqtask._exceptions import (
     AmqtaskError,
+    AuthenticationFailed,
+    BrokerUnreachable,
     CallError,
     CallTimeout,
     Conflict,
+    ConnectError,
     ConnectionLost,
+    ConnectTimeout,
     ContractError,
     DecodeError,
     InvalidReply,
+    InvalidURL,
     NotConnected,
     PublishError,
     PublishInterrupted,
@@ -23,6 +28,7 @@ from amqtask._exceptions import (
     TopologyError,
     TopologyMissing,
     Unroutable,
+    VhostRefused,
 )
 from amqtask._worker import Worker, WorkerSettings
 
@@ -54,6 +60,13 @@ __all__ = [
     "TopologyError",
     "TopologyMissing",
     "Unroutable",
+    # Errors of connecting
+    "AuthenticationFailed",
+    "BrokerUnreachable",
+    "ConnectError",
+    "ConnectTimeout",
+    "InvalidURL",
+    "VhostRefused",
     # Errors of calls
     "CallError",
     "CallTimeout",

@@ -16,7 +16,7 @@ from amqtask import _codec, topology
 from amqtask._contract import Contract, In, Out, Overflow
 from amqtask._exceptions import ContractError, PublishNacked, QueueFull
 from amqtask._execution import is_async
-from amqtask._transport import AioPikaTransport, Transport
+from amqtask._transport import DEFAULT_CONNECT_TIMEOUT, AioPikaTransport, Transport
 from amqtask.routing import DEFAULT_NAMESPACE, Names, delay_routing_key, delay_seconds
 from amqtask.rpc import Caller
 
@@ -61,19 +61,24 @@ class App:
         namespace: str = DEFAULT_NAMESPACE,
         publish_timeout: float | None = 30.0,
         call_timeout: float = 30.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         name: str = "amqtask",
         transport: Transport | None = None,
     ) -> None:
         """`publish_timeout` bounds how long `send` waits for a confirm (None: no bound);
-        `call_timeout` is how long `call` waits for a reply unless told otherwise.
+        `call_timeout` is how long `call` waits for a reply unless told otherwise;
+        `connect_timeout` bounds each connect (TCP, TLS and the AMQP handshake) and reconnect.
 
         Raises `ContractError` when two contracts share a name and version, or a queue with
-        different settings.
+        different settings, and `ValueError` for a `connect_timeout` that is not positive.
         """
+        if not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be positive, got {connect_timeout!r}")
         self.url = url
         self.names = Names(namespace)
         self.publish_timeout = publish_timeout
         self.call_timeout = call_timeout
+        self.connect_timeout = connect_timeout
         self._contracts: dict[tuple[str, int], Contract[Any, Any]] = {}
         for contract in contracts:
             if contract.key in self._contracts and self._contracts[contract.key] != contract:
@@ -81,7 +86,9 @@ class App:
             self._contracts[contract.key] = contract
         self.topology = topology.derive(self._contracts.values(), self.names)
         self.handlers: dict[tuple[str, int], Handler] = {}
-        self.transport: Transport = transport or AioPikaTransport(url, name=name)
+        self.transport: Transport = transport or AioPikaTransport(
+            url, name=name, connect_timeout=connect_timeout
+        )
         self._caller = Caller(self.transport, self.names.task_exchange)
 
     @property
@@ -139,6 +146,9 @@ class App:
 
         Raises `TopologyMissing` before `amqtask declare` has run: a publish to a missing
         exchange would close the channel every send shares (404), failing the others with it.
+        Raises a `ConnectError` when the broker cannot be connected to within `connect_timeout`
+        (`BrokerUnreachable`, `ConnectTimeout`, `AuthenticationFailed`, `VhostRefused`,
+        `InvalidURL`).
         """
         names = self.names
         published_to = {names.task_exchange, names.dead_letter_exchange, names.delay_entry_exchange}

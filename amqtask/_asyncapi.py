@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import TypeAdapter
 
 from amqtask import _codec
 from amqtask._app import App
 from amqtask._contract import Contract
+from amqtask._urls import vhost_of
 from amqtask.routing import dead_letter_queue_name
 
 ASYNCAPI_VERSION = "3.0.0"
@@ -39,12 +40,6 @@ _ID = re.compile(r"[^\w.\-]")
 def _id(text: str) -> str:
     """A component or channel key AsyncAPI accepts (`^[\\w\\d.\\-_]+$`)."""
     return _ID.sub("_", text)
-
-
-def vhost_of(url: str) -> str:
-    """The virtual host an AMQP URL names ('/' when it names none)."""
-    path = urlsplit(url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def _server(url: str) -> dict[str, Any]:

@@ -4,6 +4,12 @@ The hierarchy:
 
     AmqtaskError
     ├── ContractError           a contract or an app is defined inconsistently
+    ├── ConnectError            no connection to the broker (the URL is shown without password)
+    │   ├── BrokerUnreachable   nothing answers there: refused, unknown host, not RabbitMQ
+    │   ├── ConnectTimeout      no AMQP handshake within `connect_timeout`
+    │   ├── AuthenticationFailed  the broker refused the user name or password
+    │   ├── VhostRefused        the virtual host does not exist, or the user may not use it
+    │   └── InvalidURL          the URL is malformed
     ├── PublishError            a message was not accepted by the broker
     │   ├── PublishNacked       the broker answered the confirm with a nack
     │   │   └── QueueFull       ...because the contract's bounded queue is full
@@ -32,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from amqtask._urls import URL_FORM, safe_url
+
 
 class AmqtaskError(Exception):
     """Base class of every error amqtask raises on its own."""
@@ -43,6 +51,89 @@ class ContractError(AmqtaskError):
 
 class NotConnected(AmqtaskError):
     """The app has no open connection; use `async with app:` first."""
+
+
+# --- connecting -----------------------------------------------------------------------------
+
+
+class ConnectError(AmqtaskError):
+    """No connection to the broker could be opened.
+
+    `url` is the broker URL with its password replaced by `***`; no message shows the password.
+    """
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message)
+        self.url = safe_url(url)
+
+
+class BrokerUnreachable(ConnectError):
+    """Nothing that speaks AMQP answered: connection refused, unknown host, network down, or a
+    server that is not RabbitMQ. Often temporary (a broker restarting)."""
+
+    def __init__(self, *, url: str, reason: str) -> None:
+        super().__init__(
+            f"cannot reach the broker at {safe_url(url)}: {reason}; check that RabbitMQ runs "
+            "there and that the host and port are its AMQP listener",
+            url=url,
+        )
+        self.reason = reason
+
+
+class ConnectTimeout(ConnectError):
+    """The broker did not complete the AMQP handshake within the connect timeout (a host that
+    accepts TCP but never speaks AMQP, a firewall that drops packets, a broker that hangs)."""
+
+    def __init__(self, *, url: str, timeout: float) -> None:
+        super().__init__(
+            f"no AMQP handshake with the broker at {safe_url(url)} within {timeout:g} s: check "
+            "that the host and port are RabbitMQ's AMQP listener (5672, or 5671 for amqps), or "
+            "raise App(connect_timeout=...) on a slow network",
+            url=url,
+        )
+        self.timeout = timeout
+
+
+class AuthenticationFailed(ConnectError):
+    """The broker refused the user name or password (or offered no mechanism in common)."""
+
+    def __init__(self, *, url: str, user: str) -> None:
+        super().__init__(
+            f"authentication failed for user {user!r} at {safe_url(url)}: the broker refused "
+            "the user name or password; check the URL's credentials",
+            url=url,
+        )
+        self.user = user
+
+
+class VhostRefused(ConnectError):
+    """The broker refused to open the URL's virtual host for this user.
+
+    RabbitMQ answers the same way whether the vhost does not exist, the user has no
+    permissions on it, or a connection limit is reached, so the message names all three.
+    """
+
+    def __init__(self, *, url: str, user: str, vhost: str) -> None:
+        super().__init__(
+            f"the broker at {safe_url(url)} refused virtual host {vhost!r} to user {user!r}: it "
+            "does not exist, the user has no permissions on it, or it is at a connection limit; "
+            "create it (`rabbitmqctl add_vhost VHOST`) and grant access (`rabbitmqctl "
+            "set_permissions -p VHOST USER '.*' '.*' '.*'`), or fix the URL's path",
+            url=url,
+        )
+        self.user = user
+        self.vhost = vhost
+
+
+class InvalidURL(ConnectError):
+    """The broker URL cannot be used; nothing was connected."""
+
+    def __init__(self, *, url: str, reason: str) -> None:
+        super().__init__(
+            f"invalid broker URL {safe_url(url)!r}: {reason}; expected {URL_FORM}",
+            url=url,
+        )
+        self.reason = reason
 
 
 # --- publishing -----------------------------------------------------------------------------

@@ -8,8 +8,11 @@ Calls have a channel of their own (see `ReplyChannel`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Protocol
 
 import aio_pika
 import aio_pika.exceptions
@@ -24,17 +27,28 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aio_pika.connection import make_url
 
 from amqtask import topology as topo
 from amqtask._codec import Delivery, Outgoing
 from amqtask._exceptions import (
+    AuthenticationFailed,
+    BrokerUnreachable,
+    ConnectError,
     ConnectionLost,
+    ConnectTimeout,
+    InvalidURL,
     NotConnected,
     PublishInterrupted,
     PublishNacked,
     PublishTimeout,
     Unroutable,
+    VhostRefused,
 )
+from amqtask._urls import password_of, safe_url, url_problem, user_of, vhost_of
+
+if TYPE_CHECKING:
+    from yarl import URL
 
 log = structlog.get_logger("amqtask.transport")
 
@@ -310,12 +324,123 @@ class _AioPikaReplyChannel:
         self._on_lost(exc)
 
 
-class AioPikaTransport:
-    """`Transport` over one aio-pika robust connection (reconnects and restores consumers)."""
+# --- connecting ---------------------------------------------------------------------------------
 
-    def __init__(self, url: str, *, name: str = "amqtask") -> None:
+DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and the AMQP handshake together
+
+
+def connect_error(exc: BaseException, url: str, timeout: float) -> ConnectError | None:
+    """The typed error for `exc`, raised while connecting to `url`; None when it is not a
+    connect failure (a cancellation, a bug). Its message never holds the URL's password."""
+    if isinstance(exc, ConnectError):
+        return exc
+    if isinstance(exc, TimeoutError):  # before OSError, which it is too
+        return ConnectTimeout(url=url, timeout=timeout)
+    if isinstance(
+        exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
+    ):
+        return AuthenticationFailed(url=url, user=user_of(url))
+    if isinstance(exc, aiormq.exceptions.ConnectionNotAllowed) or _refused_open(exc):
+        return VhostRefused(url=url, user=user_of(url), vhost=vhost_of(url))
+    if isinstance(exc, ConnectionError | OSError):
+        return BrokerUnreachable(url=url, reason=_scrub(_reason(exc), url))
+    if isinstance(exc, ValueError):  # aio-pika's and yarl's URL parsing
+        return InvalidURL(url=url, reason=_scrub(str(exc), url))
+    return None
+
+
+def _refused_open(exc: BaseException) -> bool:
+    """Whether the broker answered `connection.open` (the vhost) with `connection.close`.
+
+    RabbitMQ does so (530 NOT_ALLOWED) for a vhost that does not exist, one the user has no
+    permissions on, or one at its connection limit; aiormq reports it as an unexpected frame and
+    drops the broker's text.
+    """
+    text = str(exc)
+    return (
+        isinstance(exc, aiormq.exceptions.InvalidFrameError)
+        and "Connection.OpenOk" in text
+        and "Connection.Close" in text
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """A socket error in words: aiormq wraps them as `(errno, text)`."""
+    args = exc.args
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        return os.strerror(args[0]) if args[0] > 0 else args[1]
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _describe(exc: BaseException | None) -> str:
+    return "closed" if exc is None else f"{type(exc).__name__}: {_reason(exc)}"
+
+
+def _scrub(text: str, url: str) -> str:
+    """`text` without `url`'s password, should a library have quoted the URL."""
+    password = password_of(url)
+    return text.replace(password, "***") if password else text
+
+
+def _amqp_url(url: str) -> URL:
+    problem = url_problem(url)
+    if problem is None:
+        try:
+            return make_url(url)
+        except ValueError as exc:
+            problem = _scrub(str(exc), url)
+    raise InvalidURL(url=url, reason=problem)
+
+
+@asynccontextmanager
+async def _connecting(
+    connection: AbstractConnection, url: str, timeout: float
+) -> AsyncIterator[None]:
+    """Bound the block to `timeout` seconds; on any failure close `connection` (a robust one
+    would otherwise keep reconnecting in the background) and raise the typed `ConnectError`."""
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except BaseException as exc:
+        with suppress(Exception):
+            await connection.close()
+        error = connect_error(exc, url, timeout)
+        if error is None:
+            raise
+        raise error from exc
+
+
+async def open_connection(url: str, *, name: str, timeout: float) -> AbstractConnection:
+    """A plain (not robust) connection to `url`, open within `timeout` seconds.
+
+    Raises a `ConnectError` (`BrokerUnreachable`, `ConnectTimeout`, `AuthenticationFailed`,
+    `VhostRefused`, `InvalidURL`); none shows the URL's password.
+    """
+    connection = aio_pika.Connection(_amqp_url(url), client_properties={"connection_name": name})
+    async with _connecting(connection, url, timeout):
+        await connection.connect(timeout=timeout)
+    return connection
+
+
+class AioPikaTransport:
+    """`Transport` over one aio-pika robust connection (reconnects and restores consumers).
+
+    Connecting, and each reconnect, is bounded by `connect_timeout` seconds.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "amqtask",
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        if not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be positive, got {connect_timeout!r}")
         self.url = url
         self.name = name
+        self.connect_timeout = connect_timeout
+        self._down_since: float | None = None  # monotonic time the connection was lost
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractRobustChannel | None = None
 
@@ -331,19 +456,45 @@ class AioPikaTransport:
         return connection is not None and connection.connected.is_set()
 
     async def connect(self) -> None:
+        """Open the robust connection and its publish channel within `connect_timeout`.
+
+        Raises a `ConnectError`, and leaves nothing running behind it.
+        """
         if self._connection is not None:
             return
-        connection = await aio_pika.connect_robust(
-            self.url, client_properties={"connection_name": self.name}
+        connection = aio_pika.RobustConnection(
+            _amqp_url(self.url), client_properties={"connection_name": self.name}
         )
-        try:
+        async with _connecting(connection, self.url, self.connect_timeout):
+            # The timeout given here also bounds every later reconnect attempt.
+            await connection.connect(timeout=self.connect_timeout)
             self._publish_channel = await connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-        except BaseException:
-            await connection.close()
-            raise
+        connection.close_callbacks.add(self._lost)
+        connection.reconnect_callbacks.add(self._restored)
+        self._down_since = None
         self._connection = connection
+
+    def _lost(self, _connection: object, exc: BaseException | None = None) -> None:
+        # aio-pika calls this again for each failed reconnect attempt: log the loss once.
+        if self._connection is None or self._down_since is not None:
+            return  # closed on purpose, or already down
+        self._down_since = time.monotonic()
+        log.warning(
+            "connection_lost",
+            url=safe_url(self.url),
+            error=_scrub(_describe(exc), self.url),
+            reconnect_in=getattr(self._connection, "reconnect_interval", None),
+        )
+
+    def _restored(self, _connection: object) -> None:
+        since, self._down_since = self._down_since, None
+        log.info(
+            "connection_restored",
+            url=safe_url(self.url),
+            down_s=None if since is None else round(time.monotonic() - since, 3),
+        )
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -441,7 +592,7 @@ class AioPikaTransport:
     async def _plain_connection(self) -> AbstractConnection:
         # Topology probes close channels on purpose (404/406); a plain connection keeps that away
         # from the robust channels' restore logic.
-        return await aio_pika.connect(self.url, client_properties={"connection_name": self.name})
+        return await open_connection(self.url, name=self.name, timeout=self.connect_timeout)
 
     async def plan(self, topology: topo.Topology) -> topo.Plan:
         connection = await self._plain_connection()

@@ -35,3 +35,16 @@ def test_exported_objects_say_they_belong_to_amqtask() -> None:
     ]
 
     assert foreign == []
+
+
+def test_every_connect_failure_is_an_exported_connect_error() -> None:
+    cases = [
+        amqtask.BrokerUnreachable,
+        amqtask.ConnectTimeout,
+        amqtask.AuthenticationFailed,
+        amqtask.VhostRefused,
+        amqtask.InvalidURL,
+    ]
+
+    assert all(issubclass(case, amqtask.ConnectError) for case in cases)
+    assert issubclass(amqtask.ConnectError, amqtask.AmqtaskError)
