@@ -12,12 +12,14 @@ import logging
 import os
 import signal
 import sys
+import sysconfig
+import traceback
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, NoReturn, TypeVar
 
 import click
 import orjson
+import structlog
 from pydantic import BaseModel, ValidationError
 
 from amqtask import (
@@ -34,6 +36,8 @@ from amqtask._app import App
 from amqtask._contract import Contract
 from amqtask._exceptions import AmqtaskError, ContractError, RemoteError, TopologyConflict
 from amqtask._metrics import MetricsServer, WorkerMetrics
+from amqtask._transport import connect_error
+from amqtask._urls import safe_url as _safe_url
 from amqtask._worker import Worker, WorkerSettings
 from amqtask.routing import delay_seconds
 
@@ -49,8 +53,14 @@ def load_app(target: str) -> App:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="APP") from exc
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and f"{module_name}.".startswith(f"{exc.name}."):
+            raise click.BadParameter(
+                f"cannot import {module_name!r}: {exc}", param_hint="APP"
+            ) from None
+        _fail(f"importing {module_name!r} failed: {_one_line(exc)}")
+    except Exception as exc:  # the module itself raised: a failure to fix there, not a usage error
+        _fail(f"importing {module_name!r} failed: {_one_line(exc)}")
     app = getattr(module, attribute, None)
     if not isinstance(app, App):
         raise click.BadParameter(
@@ -59,26 +69,51 @@ def load_app(target: str) -> App:
     return app
 
 
-def _safe_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        parts = parts._replace(netloc=netloc)
-    return urlunsplit(parts)
+# Frames of these directories are not where a user looks for the line that raised.
+_LIBRARY_PATHS = tuple({sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")})
+
+
+def _one_line(exc: BaseException) -> str:
+    """`exc` as `Type: message (file:line)`, on one line; the place is the innermost frame
+    outside the standard library and installed packages."""
+    text = " ".join(str(exc).split())
+    where = ""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if not frame.filename.startswith(_LIBRARY_PATHS) and not frame.filename.startswith("<"):
+            where = f" ({frame.filename}:{frame.lineno})"
+            break
+    return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
+
+
+def _fail(message: str) -> NoReturn:
+    """Report a failure the user can fix on one line of stderr, and exit 1.
+
+    A worker that logs JSON reports it as a `worker_failed` event instead, so that every line
+    it writes stays JSON.
+    """
+    context = click.get_current_context(silent=True)
+    if _logging.renders_json() and context is not None and context.command.name == "worker":
+        structlog.get_logger("amqtask.worker").error("worker_failed", error=message)
+    else:
+        click.echo(f"error: {message}", err=True)
+    sys.exit(1)
 
 
 def _run(app: App, work: Callable[[], Awaitable[T]]) -> T:
-    """Run `work` and turn the errors a user can fix into a message and exit code 1."""
+    """Run `work` and turn the errors a user can fix into one line and exit code 1."""
     try:
         return asyncio.run(work())  # type: ignore[arg-type]
-    except AmqtaskError as exc:
+    except RemoteError as exc:
+        if not exc.remote_traceback:
+            _fail(str(exc))
         click.echo(f"error: {exc}", err=True)
-        if isinstance(exc, RemoteError) and exc.remote_traceback:
-            click.echo(f"remote traceback:\n{exc.remote_traceback.rstrip()}", err=True)
+        click.echo(f"remote traceback:\n{exc.remote_traceback.rstrip()}", err=True)
         sys.exit(1)
+    except AmqtaskError as exc:
+        _fail(str(exc))
     except (ConnectionError, OSError) as exc:
-        click.echo(f"error: cannot reach the broker at {_safe_url(app.url)}: {exc}", err=True)
-        sys.exit(1)
+        # Raised by aio-pika where amqtask did not type it: described like a failed connect.
+        _fail(str(connect_error(exc, app.url, app.connect_timeout)))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -657,7 +692,9 @@ def status(
     management = None
     if management_url:
         try:
-            management = _status.Management.from_urls(management_url, app.url)
+            management = _status.Management.from_urls(
+                management_url, app.url, timeout=app.connect_timeout
+            )
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--management-url") from None
 

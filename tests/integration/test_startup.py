@@ -82,12 +82,12 @@ async def test_a_broker_down_past_the_start_timeout_ends_the_worker_with_one_lin
 
     assert await started.wait() == 1, started
     assert started.count("broker_unavailable") >= 2, started
-    errors = [line for line in started.other if line.startswith(b"error:")]
-    assert len(errors) == 1, started
-    assert started.other[-1] == errors[0]  # the last word
-    assert b"still unavailable after 2 s" in errors[0]
-    assert b"127.0.0.1:1" in errors[0]
-    assert not any(b"Traceback" in line for line in started.other), started
+    # With --json-logs the error is a JSON event too, like every line the worker writes.
+    [failed] = [event for event in started.events if event["event"] == "worker_failed"]
+    assert started.events[-1] == failed  # the last word
+    assert "still unavailable after 2 s" in failed["error"]
+    assert "127.0.0.1:1" in failed["error"]
+    assert started.other == [], started  # no plain text, no traceback
     assert "s3cret" not in str(started)  # the password is never printed
 
 
