@@ -168,7 +168,7 @@ class Management:
 
     base_url: str  # scheme://host:port[/prefix], without credentials
     username: str
-    password: str
+    password: str = field(repr=False)  # never in a repr, a log line or a traceback
     timeout: float = 5.0
 
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from amqtask._status import Management
 from amqtask._urls import safe_url, url_problem, user_of, vhost_of
 
 
@@ -61,3 +62,11 @@ def test_user_and_vhost_are_read_from_the_url_with_amqp_defaults() -> None:
     assert user_of("amqp://h/") == "guest"
     assert vhost_of("amqp://h/shop%2Fa") == "shop/a"
     assert vhost_of("amqp://h") == "/"
+
+
+def test_the_management_api_settings_never_show_the_password() -> None:
+    management = Management.from_urls("http://admin:s3cret@host:15672", "amqp://guest:guest@h/")
+
+    assert management.password == "s3cret"
+    assert "s3cret" not in repr(management)
+    assert management.base_url == "http://host:15672"
