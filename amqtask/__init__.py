@@ -1,7 +1,7 @@
 """amqtask: typed, durable task queues and RPC for Python, RabbitMQ first."""
 
 from amqtask._app import App
-from amqtask._contract import Contract, Overflow, QueueType, Retry, contract
+from amqtask._contract import Contract, Isolation, Overflow, QueueType, Retry, contract
 from amqtask._exceptions import (
     AmqtaskError,
     AuthenticationFailed,
@@ -14,6 +14,7 @@ from amqtask._exceptions import (
     ConnectTimeout,
     ContractError,
     DecodeError,
+    HandlerCrashed,
     InvalidReply,
     InvalidURL,
     NotConnected,
@@ -24,6 +25,8 @@ from amqtask._exceptions import (
     QueueFull,
     Reject,
     RemoteError,
+    SoftTimeLimitExceeded,
+    TimeLimitExceeded,
     TopologyConflict,
     TopologyError,
     TopologyMissing,
@@ -35,6 +38,7 @@ from amqtask._worker import Worker, WorkerSettings
 __all__ = [
     # Contracts
     "Contract",
+    "Isolation",
     "Overflow",
     "QueueType",
     "Retry",
@@ -43,8 +47,9 @@ __all__ = [
     "App",
     "Worker",
     "WorkerSettings",
-    # Signals a handler raises
+    # Signals a handler raises, or sees
     "Reject",
+    "SoftTimeLimitExceeded",
     # Errors
     "AmqtaskError",
     "Conflict",
@@ -60,6 +65,9 @@ __all__ = [
     "TopologyError",
     "TopologyMissing",
     "Unroutable",
+    # Errors a failed task records (the process pool, time limits)
+    "HandlerCrashed",
+    "TimeLimitExceeded",
     # Errors of connecting
     "AuthenticationFailed",
     "BrokerUnreachable",

@@ -13,7 +13,7 @@ from typing import Any, Self, TypeVar, cast
 from pydantic import BaseModel
 
 from amqtask import _codec, topology
-from amqtask._contract import Contract, In, Out, Overflow
+from amqtask._contract import Contract, In, Isolation, Out, Overflow
 from amqtask._exceptions import ContractError, PublishNacked, QueueFull
 from amqtask._execution import is_async
 from amqtask._transport import DEFAULT_CONNECT_TIMEOUT, AioPikaTransport, Transport
@@ -31,6 +31,7 @@ class Handler:
     contract: Contract[Any, Any]
     func: HandlerFunc
     is_async: bool
+    path: str | None = None  # `module:qualname`, when registered by path (`App.handler_at`)
 
 
 def _seconds_until(delay: timedelta | float | None, eta: datetime | None) -> float | None:
@@ -133,6 +134,36 @@ class App:
             return func
 
         return register
+
+    def handler_at(self, contract: Contract[Any, Any], path: str) -> None:
+        """Register the handler at import path `path` (`package.module:function`) without
+        importing it here: for a contract whose handler runs in another interpreter
+        (`isolation="process"`, `python=...`) with dependencies this one may not have.
+
+        The worker's children import it at start; a worker whose children cannot refuses to
+        start. Raises `ContractError` for a contract that does not run in a process, a path
+        not of that form, or a second handler.
+        """
+        self._own(contract)
+        if contract.key in self.handlers:
+            raise ContractError(f"task {contract.name!r} already has a handler")
+        module, _, qualname = path.partition(":")
+        parts = [*module.split("."), *qualname.split(".")]
+        if not module or not qualname or not all(part.isidentifier() for part in parts):
+            raise ContractError(
+                f"task {contract.name!r}: expected a path like 'package.module:function', "
+                f"got {path!r}"
+            )
+        if contract.isolation is not Isolation.PROCESS:
+            raise ContractError(
+                f"task {contract.name!r}: a handler registered by path runs only in a process; "
+                "give the contract isolation='process'"
+            )
+
+        def not_here(payload: Any) -> Any:
+            raise ContractError(f"task {contract.name!r} runs {path} in a child process only")
+
+        self.handlers[contract.key] = Handler(contract, not_here, False, path)
 
     @property
     def handled(self) -> Mapping[tuple[str, int], Contract[Any, Any]]:

@@ -173,10 +173,10 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
 @click.option(
     "--concurrency",
     "-c",
-    default=10,
-    show_default=True,
+    default=None,
     type=click.IntRange(1),
-    help="Handlers running at once.",
+    help="Handlers running at once; with --pool process, the child processes "
+    "[default: 10; with --pool process, the CPU count].",
 )
 @click.option(
     "--prefetch",
@@ -225,9 +225,46 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
     help="Seconds to wait at start for a broker that is down or restarting (logging "
     "broker_unavailable per attempt) before exiting 1.",
 )
+@click.option(
+    "--pool",
+    type=click.Choice(["thread", "process"]),
+    default="thread",
+    show_default=True,
+    help="thread: async def on the event loop, def in threads. process: every handler in a "
+    "child process started in advance; a crash or a hard time limit ends only that child.",
+)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Seconds a task may run before it is cancelled (async def) or its child killed "
+    "(--pool process), for contracts without their own time_limit. Refused for a plain def "
+    "in a thread.",
+)
+@click.option(
+    "--soft-time-limit",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Seconds after which amqtask.SoftTimeLimitExceeded is raised inside the handler, for "
+    "contracts without their own soft_time_limit.",
+)
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(1),
+    default=None,
+    help="Replace a child process after this many tasks [default: never].",
+)
+@click.option(
+    "--max-memory-per-child",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    metavar="MIB",
+    help="Replace a child process whose resident memory after a task is above this many MiB "
+    "[default: never].",
+)
 def worker(
     app_path: str,
-    concurrency: int,
+    concurrency: int | None,
     prefetch: int | None,
     shutdown_timeout: float,
     json_logs: bool | None,
@@ -235,6 +272,11 @@ def worker(
     processes: int,
     log_level: str,
     start_timeout: float,
+    pool: str,
+    time_limit: float | None,
+    soft_time_limit: float | None,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: float | None,
 ) -> None:
     """Consume and run the tasks APP has handlers for.
 
@@ -251,14 +293,34 @@ def worker(
     a process that dies is replaced, and a replacement that fails to start is retried with
     backoff (up to 30 s between tries) for as long as it takes, while the others keep working.
 
+    With --pool process, handlers run in --concurrency child processes fed by this process,
+    which keeps the connection and the acks: a child that crashes fails only its task (reason
+    crashed), one past --time-limit is killed (reason time_limit), and children are replaced
+    after --max-tasks-per-child tasks or above --max-memory-per-child MiB.
+
     \b
     Example:
       amqtask worker examples.app:app --concurrency 20
       amqtask worker examples.app:app --processes 4 --metrics-port 9100
+      amqtask worker examples.app:app --pool process --time-limit 300 --max-memory-per-child 500
     """
     _logging.configure(getattr(logging, log_level.upper()), json=json_logs)
     app = load_app(app_path)
-    settings = WorkerSettings(concurrency, prefetch, shutdown_timeout)
+    if concurrency is None:
+        concurrency = (os.cpu_count() or 1) if pool == "process" else 10
+    try:
+        settings = WorkerSettings(
+            concurrency,
+            prefetch,
+            shutdown_timeout,
+            pool=pool,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     if processes > 1:
         child = [sys.executable, "-m", "amqtask", "worker", app_path, *_worker_options()]
         supervisor = _supervisor.Supervisor(child, processes, shutdown_timeout)

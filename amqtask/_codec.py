@@ -44,6 +44,8 @@ ERROR_TYPE = "amqtask-error-type"  # exception class of a failed handler
 TRACEBACK = "amqtask-traceback"  # trimmed traceback of a failed handler
 FAILED_AT = "amqtask-failed-at"  # ISO 8601, UTC
 ORIGIN_QUEUE = "amqtask-queue"  # the work queue the message was taken from
+EXIT_CODE = "amqtask-exit-code"  # a crashed handler's process exited with this code
+SIGNAL = "amqtask-signal"  # ...or was killed by this signal (SIGSEGV, SIGKILL)
 
 _MAX_HEADER_TEXT = 4000  # keeps a dead letter's headers well under the frame size
 DROPPED_HEADERS = "amqtask-dropped-headers"  # names of headers left off a copy to fit the frame
@@ -62,6 +64,8 @@ class Reasons:
     INVALID_RESULT = "invalid_result"  # a called handler's return value does not fit `returns`
     HANDLER_ERROR = "handler_error"  # the last attempt failed, or the error is not retried
     REJECTED = "rejected"  # the handler raised `amqtask.Reject`
+    TIME_LIMIT = "time_limit"  # the handler ran past its time limit (the last attempt)
+    CRASHED = "crashed"  # the process running the handler died (the last attempt)
     EXPIRED = "expired"  # a call whose caller stopped waiting before it could start (acked)
 
 

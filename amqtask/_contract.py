@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Generic, TypeVar, overload
@@ -36,6 +37,13 @@ class Overflow(StrEnum):
 
     REJECT_PUBLISH = "reject-publish"  # the publish is nacked: `send` raises, nothing is lost
     DROP_HEAD = "drop-head"  # the oldest message is dead-lettered to make room
+
+
+class Isolation(StrEnum):
+    """Where a contract's handler runs, whatever the worker's `--pool`."""
+
+    PROCESS = "process"  # in a child process of the worker's process pool
+    NONE = "none"  # in the worker process: `async def` on the event loop, `def` in a thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +121,12 @@ class Contract(Generic[In, Out]):
     version: int = 1
     retry: Retry = Retry()
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    # Where and how long the handler runs: worker-side settings, unknown to the broker.
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    isolation: Isolation | None = None  # None: the worker's --pool decides
+    python: str | None = None  # another interpreter for the process (isolation "process")
+    launcher: tuple[str, ...] = ()  # a command prefix for the process (bwrap, a container)
 
     @property
     def routing_key(self) -> str:
@@ -141,6 +155,11 @@ def contract(
     version: int = 1,
     retry: Retry | None = None,
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
+    isolation: Isolation | str | None = None,
+    python: str | None = None,
+    launcher: Sequence[str] = (),
 ) -> Contract[In, None]: ...
 
 
@@ -157,6 +176,11 @@ def contract(
     version: int = 1,
     retry: Retry | None = None,
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
+    isolation: Isolation | str | None = None,
+    python: str | None = None,
+    launcher: Sequence[str] = (),
 ) -> Contract[In, Out]: ...
 
 
@@ -172,6 +196,11 @@ def contract(
     version: int = 1,
     retry: Retry | None = None,
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
+    isolation: Isolation | str | None = None,
+    python: str | None = None,
+    launcher: Sequence[str] = (),
 ) -> Contract[In, Any]:
     """Declare a task.
 
@@ -183,7 +212,13 @@ def contract(
     `retry` is the retry policy (default `Retry()`: 5 attempts, 1 s, 2 s, 4 s, 8 s apart);
     `delivery_limit` bounds redeliveries of a message whose worker died before acking (quorum).
 
-    Raises `ContractError` for an invalid name, version, model or limit.
+    Worker-side settings (the README's "Running user code safely"): `time_limit` and
+    `soft_time_limit` in seconds (default: the worker's); `isolation="process"` runs the handler
+    in the worker's process pool, `"none"` in the worker process whatever its `--pool`; with
+    `python` (a path to another interpreter, e.g. another virtualenv's `bin/python`) and
+    `launcher` (a command prefix such as `["bwrap", ...]`) that process runs there.
+
+    Raises `ContractError` for an invalid name, version, model, limit or isolation.
     """
     if not _NAME.fullmatch(name):
         raise ContractError(
@@ -214,8 +249,20 @@ def contract(
     try:
         queue_type = QueueType(queue_type)
         overflow = Overflow(overflow)
+        isolation = None if isolation is None else Isolation(isolation)
     except ValueError as exc:
         raise ContractError(f"task {name!r}: {exc}") from None
+    _check_limits(f"task {name!r}", time_limit, soft_time_limit, ContractError)
+    launcher = (launcher,) if isinstance(launcher, str) else tuple(launcher)
+    if not all(isinstance(part, str) and part for part in launcher):
+        raise ContractError(f"task {name!r}: launcher must be a list of strings, got {launcher!r}")
+    if python is not None and (not isinstance(python, str) or not python):
+        raise ContractError(f"task {name!r}: python must be a path, got {python!r}")
+    if (python is not None or launcher) and isolation is not Isolation.PROCESS:
+        raise ContractError(
+            f"task {name!r}: python= and launcher= run the handler in a process of its own; "
+            "add isolation='process'"
+        )
     return Contract(
         name=name,
         input=input,
@@ -227,4 +274,30 @@ def contract(
         version=version,
         retry=Retry() if retry is None else retry,
         delivery_limit=delivery_limit,
+        time_limit=time_limit,
+        soft_time_limit=soft_time_limit,
+        isolation=isolation,
+        python=python,
+        launcher=launcher,
     )
+
+
+def _check_limits(
+    owner: str, hard: float | None, soft: float | None, error: type[Exception]
+) -> None:
+    """Time limits are positive finite seconds, and a soft limit comes before the hard one."""
+    for label, value in (("time_limit", hard), ("soft_time_limit", soft)):
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise error(f"{owner}: {label} must be a positive number of seconds, got {value!r}")
+    if hard is not None and soft is not None and soft >= hard:
+        raise error(
+            f"{owner}: soft_time_limit ({soft:g} s) must be below time_limit ({hard:g} s), or "
+            "the handler never sees it"
+        )

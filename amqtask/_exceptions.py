@@ -20,6 +20,8 @@ The hierarchy:
     │   ├── TopologyConflict    an entity exists with another type or other arguments
     │   └── TopologyMissing     an entity the worker needs does not exist
     ├── DecodeError             an incoming message cannot be turned into a task
+    ├── TimeLimitExceeded       a task ran past its hard time limit (cancelled, or killed)
+    ├── HandlerCrashed          the process running a handler died (a signal, `os._exit`)
     ├── CallError               `App.call` got no result
     │   ├── RemoteError         the handler raised, or the worker refused the request
     │   │   └── InvalidReply    the result does not fit the contract's output model
@@ -28,6 +30,7 @@ The hierarchy:
     └── NotConnected            the app is used outside `async with app`
 
     Reject                      not an error: a handler raises it to dead-letter its task now
+    SoftTimeLimitExceeded       not an error: raised inside a handler at its soft time limit
 
 Pydantic's `ValidationError` is raised unwrapped where a payload does not fit its model.
 """
@@ -257,6 +260,32 @@ class DecodeError(AmqtaskError):
         self.body = body
 
 
+# --- running handlers (the exception a failed task records; retried like any failure) --------
+
+
+class TimeLimitExceeded(AmqtaskError):
+    """The task ran past its hard time limit: an `async def` was cancelled, a handler in a
+    process pool had its process killed. Dead letters carry reason `time_limit`."""
+
+    def __init__(self, seconds: float, *, killed: bool = False) -> None:
+        how = "its process was killed" if killed else "it was cancelled"
+        super().__init__(f"the task ran past its time limit of {seconds:g} s: {how}")
+        self.seconds = seconds
+        self.killed = killed
+
+
+class HandlerCrashed(AmqtaskError):
+    """The process that ran the handler died mid-task (a segfault, the OOM killer's SIGKILL,
+    `os._exit`). Only that task fails; dead letters carry reason `crashed` and the exit code
+    (`amqtask-exit-code`) or the signal (`amqtask-signal`)."""
+
+    def __init__(self, *, exit_code: int | None = None, signal: str | None = None) -> None:
+        how = f"was killed by {signal}" if signal else f"exited with code {exit_code}"
+        super().__init__(f"the process running the handler {how} before the task finished")
+        self.exit_code = exit_code
+        self.signal = signal
+
+
 # --- signals a handler raises on purpose (not errors: outside AmqtaskError) ----------------------
 
 
@@ -269,6 +298,19 @@ class Reject(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class SoftTimeLimitExceeded(Exception):
+    """Raised inside a handler when its soft time limit has passed: catch it to clean up or
+    return early. Uncaught, it fails the task with reason `time_limit`.
+
+    An `async def` sees it at its current `await`; a plain `def` in a worker thread at its next
+    Python instruction (a thread blocked in a C call sees it once the call returns); a handler
+    in a process pool at once, also in `time.sleep` or a blocking read (SIGALRM).
+    """
+
+    def __init__(self, message: str = "the task ran past its soft time limit") -> None:
+        super().__init__(message)
 
 
 # --- rpc ------------------------------------------------------------------------------------

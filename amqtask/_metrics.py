@@ -132,6 +132,31 @@ class WorkerMetrics:
         self.connected = Gauge(
             "amqtask_broker_connected", "1 while the broker connection is up", registry=r
         )
+        # The process pool (worker --pool process, or contracts with isolation="process").
+        # Label values are fixed by amqtask, or the environments of the app's contracts.
+        self.pool_children = Gauge(
+            "amqtask_pool_children",
+            "Child processes alive, per environment (interpreter and launcher)",
+            ["environment"],
+            registry=r,
+        )
+        self.pool_recycled = Counter(
+            "amqtask_pool_children_recycled",
+            "Children replaced after max_tasks_per_child tasks or above max_memory_per_child",
+            ["why"],
+            registry=r,
+        )
+        self.pool_crashed = Counter(
+            "amqtask_pool_children_crashed",
+            "Children that died while running a task (its task failed with reason crashed)",
+            registry=r,
+        )
+        self.pool_killed = Counter(
+            "amqtask_pool_children_killed",
+            "Children killed mid-task: at a hard time limit, or when shutdown gave up on them",
+            ["reason"],
+            registry=r,
+        )
         self._lost_since: float | None = None
 
     def outcome(self, outcome: str, task: str | None, seconds: float, reason: str | None) -> None:

@@ -20,7 +20,7 @@ and runs again. A reply is at-most-once: if it cannot be sent, the caller times 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, assert_never, cast
 
@@ -98,7 +98,7 @@ class Settler:
             case Succeeded():
                 await self._ack(envelope)
                 return Settled("succeeded", {"attempt": envelope.attempt})
-            case Failed(exc):
+            case Failed(exc, reason, headers):
                 assert contract is not None
                 error = _codec.describe(exc)
                 # A call's caller is waiting: its failure is answered, never retried later.
@@ -107,10 +107,11 @@ class Settler:
                 return await self._fail(
                     envelope,
                     "failed",
-                    Reasons.HANDLER_ERROR,
+                    reason,  # handler_error, time_limit or crashed
                     error,
                     exc,
                     answer=_codec.safe_text(exc),  # the caller gets the type separately
+                    headers=headers,
                 )
             case Rejected(reason, signal):
                 return await self._fail(envelope, "rejected", Reasons.REJECTED, reason, signal)
@@ -166,11 +167,13 @@ class Settler:
         *,
         answer: str | None = None,
         decoded: bool = True,
+        headers: Mapping[str, Any] | None = None,
     ) -> Settled:
         """Answer a waiting caller with why its request failed, then dead-letter the delivery.
 
         `answer` is what the caller reads (default: `error`). A delivery that was never
         `decoded` gets no traceback in the reply and no exception details on its dead letter.
+        `headers` are added to the dead letter (a crash's exit code or signal).
         """
         details: dict[str, Any] = {"reason": reason, "error": error}
         if decoded:
@@ -192,6 +195,7 @@ class Settler:
                 error=error,
                 exc=exc if decoded else None,
             )
+            copy.headers.update(headers or {})
         except Exception as build_error:  # unreachable by design; the broker's route remains
             log.exception("dead_letter_build_failed", error=repr(build_error))
             await self._broker_dead_letter(envelope)

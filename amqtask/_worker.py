@@ -4,8 +4,9 @@ The pipeline a delivery takes (`_process`):
 1. `_codec.open_envelope` decodes it into an `Envelope` and never raises: a message that is
    not a task of this worker carries its `problem` (the dead letter's reason).
 2. `_run` turns it into an `Outcome` value: refused (not a task), expired (a call nobody awaits),
-   or what the handler did, run by an executor (`amqtask._execution`: the event loop for
-   `async def`, threads for plain `def`).
+   or what the handler did, run by the contract's executor (`amqtask._execution`: the event loop
+   for `async def`, threads for plain `def`; `amqtask._pool`: child processes), chosen once, at
+   construction, with its time limits.
 3. `Settler.settle` (`amqtask._settle`) maps the outcome to ack, retry, dead letter, reply or
    release, in one place that cannot raise and has a bound on every wait.
 
@@ -17,6 +18,7 @@ executor, not as another branch that settles on its own.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +28,11 @@ from typing import Any
 import structlog
 
 from amqtask import _codec, _tracing
-from amqtask._app import App
+from amqtask._app import App, Handler
+from amqtask._contract import Isolation, _check_limits
 from amqtask._exceptions import AmqtaskError
 from amqtask._execution import (
+    Executor,
     Expired,
     LoopExecutor,
     Outcome,
@@ -37,26 +41,53 @@ from amqtask._execution import (
     execute,
 )
 from amqtask._metrics import WorkerMetrics
+from amqtask._pool import ChildPool, Environment, ProcessExecutor, Recycling, import_path
 from amqtask._settle import Settled, Settler
 from amqtask._transport import IncomingDelivery, Subscription
 from amqtask.routing import due_queue_name
 
 log = structlog.get_logger("amqtask.worker")
 
+POOLS = ("thread", "process")
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    """How many tasks run at once, how many deliveries are held, how long shutdown waits."""
+    """How many tasks run at once, how many deliveries are held, how long shutdown waits; where
+    handlers run and for how long.
+
+    `pool="thread"` runs `async def` handlers on the event loop and plain `def` in threads;
+    `pool="process"` runs every handler in child processes (`concurrency` of them), and so do
+    contracts with `isolation="process"` under either pool. `time_limit` and `soft_time_limit`
+    (seconds) apply to contracts that set none. `max_tasks_per_child` and `max_memory_per_child`
+    (MiB of resident memory, checked after each task) replace a child with a fresh one.
+    """
 
     concurrency: int = 10
     prefetch: int | None = None  # default: concurrency
     shutdown_timeout: float = 30.0
+    pool: str = "thread"
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    max_tasks_per_child: int | None = None
+    max_memory_per_child: float | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.prefetch is not None and self.prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, got {self.prefetch}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        _check_limits("the worker", self.time_limit, self.soft_time_limit, ValueError)
+        if self.max_tasks_per_child is not None and self.max_tasks_per_child < 1:
+            raise ValueError(
+                f"max_tasks_per_child must be at least 1, got {self.max_tasks_per_child}"
+            )
+        if self.max_memory_per_child is not None and not self.max_memory_per_child > 0:
+            raise ValueError(
+                f"max_memory_per_child must be positive (MiB), got {self.max_memory_per_child}"
+            )
 
     @property
     def effective_prefetch(self) -> int:
@@ -81,8 +112,8 @@ class Worker:
         self._executor = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix="amqtask-handler"
         )
-        self._loop_executor = LoopExecutor()
-        self._thread_executor = ThreadExecutor(self._executor)
+        self._pools: dict[Environment, ChildPool] = {}
+        self._executors = {key: self._executor_for(h, metrics) for key, h in app.handlers.items()}
         self._settler = Settler(
             app.transport,
             app.names,
@@ -122,6 +153,8 @@ class Worker:
         prefetch = self.settings.effective_prefetch
         try:
             await self.app.connect(queues=self.queues)
+            for pool in self._pools.values():
+                await pool.start()
             for source, queue in self._work_queue_of.items():
                 subscription = await self.app.transport.consume(
                     source, self._consumer(queue), prefetch=prefetch
@@ -129,6 +162,7 @@ class Worker:
                 self._subscriptions.append(subscription)
         except BaseException:
             self._executor.shutdown(wait=False)
+            await self._close_pools()
             await self.app.close()
             raise
         if self.metrics is not None:
@@ -140,7 +174,61 @@ class Worker:
             tasks=sorted(f"{name} v{version}" for name, version in self._contracts),
             concurrency=self.settings.concurrency,
             prefetch=prefetch,
+            pool=self.settings.pool,
+            children=sum(pool.size for pool in self._pools.values()),
         )
+
+    def _executor_for(self, handler: Handler, metrics: WorkerMetrics | None) -> Executor:
+        """Where a contract's handler runs, with which limits (see the WorkerSettings doc).
+
+        Raises `AmqtaskError` for a hard time limit on a thread, and for a handler that a child
+        process could not find by import path.
+        """
+        contract, settings = handler.contract, self.settings
+        hard = contract.time_limit if contract.time_limit is not None else settings.time_limit
+        soft = (
+            contract.soft_time_limit
+            if contract.soft_time_limit is not None
+            else settings.soft_time_limit
+        )
+        if soft is not None and hard is not None and soft >= hard:
+            soft = None  # a contract's own hard limit comes first: the worker's soft one is moot
+        isolation = contract.isolation
+        if isolation is None:
+            isolation = Isolation.PROCESS if settings.pool == "process" else Isolation.NONE
+        if isolation is Isolation.NONE:
+            if handler.is_async:
+                return LoopExecutor(soft_time_limit=soft, time_limit=hard)
+            if hard is not None:
+                raise AmqtaskError(
+                    f"task {contract.name!r}: its handler is a plain def, run in a thread, and a "
+                    f"thread cannot be stopped at its time limit ({hard:g} s). Run it in a "
+                    "process (worker --pool process, or the contract's isolation='process'), "
+                    "make it async, or give it only a soft_time_limit"
+                )
+            return ThreadExecutor(self._executor, soft_time_limit=soft)
+        environment = Environment(contract.python or sys.executable, contract.launcher)
+        path = handler.path or import_path(handler.func, contract.name)
+        pool = self._pools.get(environment)
+        if pool is None:
+            recycling = Recycling(settings.max_tasks_per_child, settings.max_memory_per_child)
+            pool = ChildPool(environment, settings.concurrency, [], recycling, metrics)
+            self._pools[environment] = pool
+        native = environment.native
+        input_model = import_path(contract.input, contract.name, "input model") if native else None
+        pool.preload(path, input_model)
+        return ProcessExecutor(
+            pool,
+            path,
+            input_model=input_model,
+            output=contract.output,
+            soft_time_limit=soft,
+            time_limit=hard,
+        )
+
+    async def _close_pools(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
 
     async def _watch_connection(self, metrics: WorkerMetrics) -> None:
         while True:
@@ -173,6 +261,7 @@ class Worker:
         for task in self._tasks:
             task.cancel()  # deliveries that never started: they stay unacked
         self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._close_pools()  # after the handlers: no child is busy any more
         await self.app.close()
         log.info("worker_stopped", **dict(self.counts))
 
@@ -232,7 +321,7 @@ class Worker:
             return Expired()  # the caller has given up: nobody would read the result
         assert envelope.contract is not None
         handler = self.app.handlers[envelope.contract.key]
-        executor = self._loop_executor if handler.is_async else self._thread_executor
+        executor = self._executors[envelope.contract.key]
         if not _tracing.ENABLED:
             return await execute(executor, handler.func, envelope.payload)
         with _tracing.consumer_span(envelope.delivery.headers or {}, handler.contract.name):

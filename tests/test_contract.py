@@ -9,7 +9,16 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from amqtask import AmqtaskError, Contract, ContractError, Overflow, QueueType, Retry, contract
+from amqtask import (
+    AmqtaskError,
+    Contract,
+    ContractError,
+    Isolation,
+    Overflow,
+    QueueType,
+    Retry,
+    contract,
+)
 from amqtask._contract import DEFAULT_DELIVERY_LIMIT, NO_RETRY
 
 
@@ -325,3 +334,64 @@ def test_contracts_with_different_retries_differ() -> None:
     first = contract("images.resize", Resize, retry=Retry(attempts=2))
 
     assert first != contract("images.resize", Resize, retry=Retry(attempts=3))
+
+
+# --- where and how long the handler runs ---------------------------------------------------------
+
+
+def test_execution_settings_default_to_the_workers_choice() -> None:
+    c = contract("images.resize", Resize)
+    assert (c.time_limit, c.soft_time_limit, c.isolation, c.python, c.launcher) == (
+        None,
+        None,
+        None,
+        None,
+        (),
+    )
+
+
+def test_a_contract_keeps_its_time_limits_isolation_interpreter_and_launcher() -> None:
+    c = contract(
+        "images.resize",
+        Resize,
+        time_limit=60,
+        soft_time_limit=50.5,
+        isolation="process",
+        python="/opt/other/bin/python",
+        launcher=["bwrap", "--ro-bind", "/", "/"],
+    )
+    assert c.time_limit == 60
+    assert c.soft_time_limit == 50.5
+    assert c.isolation is Isolation.PROCESS
+    assert c.python == "/opt/other/bin/python"
+    assert c.launcher == ("bwrap", "--ro-bind", "/", "/")
+    hash(c)  # still a value
+
+
+@pytest.mark.parametrize("limit", [0, -1, float("inf"), float("nan"), True, "10"])
+def test_a_time_limit_that_is_not_positive_finite_seconds_is_a_contract_error(limit: Any) -> None:
+    with pytest.raises(ContractError, match="time_limit must be a positive number"):
+        contract("images.resize", Resize, time_limit=limit)
+    with pytest.raises(ContractError, match="soft_time_limit must be a positive number"):
+        contract("images.resize", Resize, soft_time_limit=limit)
+
+
+def test_a_soft_time_limit_not_below_the_hard_one_is_a_contract_error() -> None:
+    with pytest.raises(ContractError, match="must be below time_limit"):
+        contract("images.resize", Resize, time_limit=10, soft_time_limit=10)
+
+
+def test_an_unknown_isolation_is_a_contract_error() -> None:
+    with pytest.raises(ContractError, match="'container' is not a valid Isolation"):
+        contract("images.resize", Resize, isolation="container")
+
+
+@pytest.mark.parametrize("settings", [{"python": "/usr/bin/python3"}, {"launcher": ["bwrap"]}])
+def test_another_interpreter_or_a_launcher_needs_process_isolation(
+    settings: dict[str, Any],
+) -> None:
+    with pytest.raises(ContractError, match="add isolation='process'"):
+        contract("images.resize", Resize, **settings)
+    assert contract("images.resize", Resize, isolation="process", **settings).isolation == (
+        Isolation.PROCESS
+    )

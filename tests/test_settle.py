@@ -267,3 +267,29 @@ async def test_a_copy_with_headers_over_the_frame_leaves_the_largest_foreign_one
     assert copy.headers["keep"] == "k"
     assert copy.headers[_codec.DROPPED_HEADERS] == "junk"
     assert len(_codec.field_table(copy.headers)) <= transport.header_budget
+
+
+async def test_a_crash_on_its_last_attempt_is_dead_lettered_as_crashed_with_its_signal() -> None:
+    last_attempt = FakeDelivery(
+        headers={_codec.TASK: "jobs.run", _codec.VERSION: 1, "amqtask-attempt": 3}
+    )
+    crash = amqtask.HandlerCrashed(signal="SIGSEGV")
+    outcome, delivery, transport = await settle(
+        Failed(crash, "crashed", {_codec.SIGNAL: "SIGSEGV"}), last_attempt
+    )
+    (letter,) = transport.to(NAMES.dead_letter_exchange)
+    assert (outcome, delivery.settled) == ("failed", ["ack"])
+    assert letter.headers[_codec.REASON] == "crashed"
+    assert letter.headers[_codec.SIGNAL] == "SIGSEGV"
+    assert letter.headers[_codec.ERROR_TYPE] == "amqtask._exceptions.HandlerCrashed"
+
+
+@pytest.mark.parametrize(
+    "exc", [amqtask.HandlerCrashed(exit_code=1), amqtask.TimeLimitExceeded(5, killed=True)]
+)
+async def test_a_crash_or_a_time_limit_with_attempts_left_is_retried_like_any_failure(
+    exc: BaseException,
+) -> None:
+    outcome, _, transport = await settle(Failed(exc, "crashed"))
+    assert outcome == "retried"
+    assert transport.to(NAMES.dead_letter_exchange) == []
