@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
 from pydantic import BaseModel
 
-from amqtask import _codec, topology
+from amqtask import _codec, _wallclock, topology
 from amqtask._contract import Contract, In, Isolation, Out, Overflow
 from amqtask._exceptions import ContractError, PublishNacked, QueueFull
 from amqtask._execution import is_async
@@ -41,7 +40,7 @@ def _seconds_until(delay: timedelta | float | None, eta: datetime | None) -> flo
         if eta.tzinfo is None:
             raise ValueError("eta must be timezone-aware (e.g. datetime.now(UTC) + ...)")
         # A moment already past runs at once, after the shortest delay.
-        return max((eta - datetime.now(UTC)).total_seconds(), 0.001)
+        return max((eta - _wallclock.utc_now()).total_seconds(), 0.001)
     if isinstance(delay, timedelta):
         return delay.total_seconds()
     return delay
@@ -240,7 +239,8 @@ class App:
         if wait is not None:
             exchange = self.names.delay_entry_exchange
             routing = delay_routing_key(delay_seconds(wait), contract.queue)
-        give_up = time.monotonic() + wait_if_full
+        clock = asyncio.get_running_loop()
+        give_up = clock.time() + wait_if_full
         pause = 0.05
         while True:
             try:
@@ -255,7 +255,7 @@ class App:
             except PublishNacked:
                 if contract.max_length is None or contract.overflow is not Overflow.REJECT_PUBLISH:
                     raise
-                if time.monotonic() + pause > give_up:
+                if clock.time() + pause > give_up:
                     raise QueueFull(
                         f"task {contract.name!r}: queue {contract.queue!r} is full "
                         f"(max_length {contract.max_length}); nothing was stored",

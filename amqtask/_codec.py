@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 import traceback as tb
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
 from pamqp.encode import field_table
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from amqtask import _tracing
+from amqtask import _tracing, _wallclock
 from amqtask._contract import Contract
 from amqtask._exceptions import DecodeError, InvalidReply, RemoteError
 
@@ -435,7 +433,7 @@ def retry_copy(delivery: Delivery, *, attempt: int, exc: BaseException) -> Outgo
 
     Body and message id are kept, so the retried task is the same task to an idempotent handler.
     """
-    now = datetime.now(UTC).isoformat()
+    now = _wallclock.utc_now().isoformat()
     ours = {
         **failure_headers(exc),
         FIRST_FAILED_AT: _first_failed_at(delivery, now),
@@ -459,7 +457,7 @@ def dead_letter(
     `exc`, the headers also hold its type and traceback, the attempt count and the first and
     last failure times.
     """
-    now = datetime.now(UTC).isoformat()
+    now = _wallclock.utc_now().isoformat()
     ours: dict[str, Any] = {}
     if exc is not None:
         ours.update(failure_headers(exc))
@@ -534,7 +532,7 @@ def encode_call(
     message.correlation_id = message.message_id
     message.reply_to = reply_to
     message.expiration = timeout
-    message.headers[DEADLINE] = int((time.time() + timeout) * 1000)
+    message.headers[DEADLINE] = int((_wallclock.now() + timeout) * 1000)
     return message
 
 
@@ -549,7 +547,7 @@ def call_expired(delivery: Delivery, now: float | None = None) -> bool:
     deadline_ms = header_int((delivery.headers or {}).get(DEADLINE))
     if deadline_ms is None:
         return False
-    return (time.time() if now is None else now) * 1000 > deadline_ms
+    return (_wallclock.now() if now is None else now) * 1000 > deadline_ms
 
 
 _adapters: dict[Any, TypeAdapter[Any]] = {}
