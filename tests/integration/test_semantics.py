@@ -1,0 +1,514 @@
+"""The worker's semantics, run twice: on the real broker and on `amqtask.testing`'s in-memory one.
+
+Each test runs once per `env`: "broker" (the shared RabbitMQ, real time) and "memory"
+(`TestApp`, the virtual clock). The steps and the assertions are the same; only how time passes
+differs (`env.elapse`, `env.until`, `env.finish`). Any difference is a bug in one of them. The
+delays are short (1-2 s retries) so the broker run stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import pytest
+import structlog
+from aio_pika.abc import AbstractConnection
+from pydantic import BaseModel
+
+import amqtask
+from amqtask import _codec
+from amqtask._codec import Outgoing
+from amqtask._dead_letters import last_death_reason
+from amqtask._transport import AioPikaTransport, Transport
+from amqtask.testing import MemoryTransport, TestApp
+
+from .conftest import AppFactory, dead_letters, queue_depth, running, wait_for
+
+T = TypeVar("T")
+
+
+class Job(BaseModel):
+    n: int
+
+
+class Doubled(BaseModel):
+    m: int
+
+
+class Flaky(RuntimeError):
+    pass
+
+
+# --- the two environments -----------------------------------------------------------------------
+
+
+class BrokerEnv:
+    """The shared RabbitMQ: apps on a unique namespace, deleted afterwards; real time."""
+
+    name = "broker"
+
+    def __init__(self, make_app: AppFactory, amqp: AbstractConnection, url: str) -> None:
+        self._make_app, self._amqp, self._url = make_app, amqp, url
+
+    def app(self, contracts: list[amqtask.Contract[Any, Any]]) -> amqtask.App:
+        return self._make_app(contracts)
+
+    @asynccontextmanager
+    async def running(self, app: amqtask.App, **settings: Any) -> AsyncIterator[None]:
+        await app.declare()
+        if app.handlers:
+            async with running(app, **settings):
+                yield
+        else:
+            async with app:
+                yield
+
+    def transport(self) -> Transport:
+        return AioPikaTransport(self._url)
+
+    async def elapse(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+        await wait_for(predicate, timeout=timeout)
+
+    async def finish(self, awaitable: Awaitable[T]) -> T:
+        return await awaitable
+
+    async def dead_letters(self, queue: str, count: int) -> list[Any]:
+        return await dead_letters(self._amqp, queue, count)
+
+    async def depth(self, queue: str) -> int:
+        return await queue_depth(self._amqp, queue)
+
+
+class MemoryEnv:
+    """`TestApp` on the in-memory broker; time moves only when the test moves it."""
+
+    name = "memory"
+
+    def __init__(self, namespace: str) -> None:
+        self._namespace = namespace
+        self._testapp: TestApp | None = None
+
+    @property
+    def testapp(self) -> TestApp:
+        assert self._testapp is not None, "only inside `env.running(...)`"
+        return self._testapp
+
+    def app(self, contracts: list[amqtask.Contract[Any, Any]]) -> amqtask.App:
+        return amqtask.App("amqp://memory.invalid/", contracts, namespace=self._namespace)
+
+    @asynccontextmanager
+    async def running(self, app: amqtask.App, **settings: Any) -> AsyncIterator[None]:
+        async with TestApp(app, worker=amqtask.WorkerSettings(**settings)) as self._testapp:
+            yield
+
+    def transport(self) -> Transport:
+        return MemoryTransport(self.testapp.broker)
+
+    async def elapse(self, seconds: float) -> None:
+        await self.testapp.advance(seconds)
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+        for _ in range(int(timeout / 0.1) + 1):
+            if predicate():
+                return
+            await self.testapp.advance(0.1)
+        pytest.fail(f"condition not met within {timeout} s (virtual): {predicate}")
+
+    async def finish(self, awaitable: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(awaitable)
+        for _ in range(600):
+            if task.done():
+                break
+            await self.testapp.advance(0.1)
+        return await task
+
+    async def dead_letters(self, queue: str, count: int) -> list[Any]:
+        def arrived() -> bool:
+            return len(self.testapp.broker.messages(f"{queue}.dead")) >= count
+
+        await self.until(arrived)
+        return self.testapp.broker.messages(f"{queue}.dead")[:count]
+
+    async def depth(self, queue: str) -> int:
+        return len(self.testapp.broker.messages(queue))
+
+
+Env = BrokerEnv | MemoryEnv
+
+
+@pytest.fixture(params=["broker", "memory"])
+def env(
+    request: pytest.FixtureRequest,
+    make_app: AppFactory,
+    amqp: AbstractConnection,
+    broker_url: str,
+    unique: str,
+) -> Env:
+    if request.param == "broker":
+        return BrokerEnv(make_app, amqp, broker_url)
+    return MemoryEnv(unique)
+
+
+# What reading a dead letter with basic.get (the broker env) adds: RabbitMQ 3.10 marks a message
+# got from a quorum queue with its delivery count, 0 the first time. The memory env reads the
+# queue without a delivery.
+GET_ADDS = {"x-delivery-count"}
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+# --- ack ----------------------------------------------------------------------------------------
+
+
+async def test_every_sent_task_runs_once_and_is_acked(env: Env, unique: str) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = env.app([job])
+    seen: list[int] = []
+
+    @app.handler(job)
+    async def handle(task: Job) -> None:
+        seen.append(task.n)
+
+    async with env.running(app):
+        for n in range(20):
+            await app.send(job, Job(n=n))
+        await env.until(lambda: len(seen) == 20)
+        await env.elapse(0.5)
+        assert await env.depth(job.queue) == 0
+        assert await env.depth(f"{job.queue}.dead") == 0
+
+    assert sorted(seen) == list(range(20))
+
+
+# --- retries ------------------------------------------------------------------------------------
+
+
+async def test_a_failing_task_is_retried_with_backoff_then_dead_lettered_with_its_failure(
+    env: Env, unique: str
+) -> None:
+    job = amqtask.contract(
+        f"{unique}.job", Job, retry=amqtask.Retry(attempts=3, initial=1.0, backoff=2.0)
+    )
+    app = env.app([job])
+    runs: list[float] = []
+
+    @app.handler(job)
+    async def handle(task: Job) -> None:
+        runs.append(now())
+        raise Flaky(f"attempt {len(runs)} failed")
+
+    async with env.running(app):
+        sent = await app.send(job, Job(n=1))
+        (letter,) = await env.dead_letters(job.queue, 1)
+        await env.elapse(1.5)  # no fourth attempt sneaks in
+
+    gaps = [later - earlier for earlier, later in itertools.pairwise(runs)]
+    assert len(runs) == 3
+    assert 1.0 <= gaps[0] < 2.5
+    assert 2.0 <= gaps[1] < 3.5
+    assert letter.message_id == sent
+    headers = letter.headers
+    assert set(headers) - GET_ADDS == {
+        "amqtask-task",
+        "amqtask-version",
+        "amqtask-attempt",
+        "amqtask-reason",
+        "amqtask-error",
+        "amqtask-error-type",
+        "amqtask-traceback",
+        "amqtask-first-failed-at",
+        "amqtask-failed-at",
+        "amqtask-queue",
+    }
+    assert headers["amqtask-reason"] == "handler_error"
+    assert headers["amqtask-attempt"] == 3
+    assert headers["amqtask-error"] == "Flaky: attempt 3 failed"
+    assert headers["amqtask-error-type"].endswith("Flaky")
+    assert headers["amqtask-queue"] == job.queue
+    first = datetime.fromisoformat(headers["amqtask-first-failed-at"])
+    last = datetime.fromisoformat(headers["amqtask-failed-at"])
+    assert timedelta(seconds=2.5) < last - first < timedelta(seconds=6)
+
+
+async def test_a_task_passing_the_same_delay_level_again_is_never_dropped_as_a_cycle(
+    env: Env, unique: str
+) -> None:
+    job = amqtask.contract(
+        f"{unique}.job", Job, retry=amqtask.Retry(attempts=4, initial=1.0, backoff=1.0)
+    )
+    app = env.app([job])
+    runs: list[int] = []
+
+    @app.handler(job)
+    async def handle(task: Job) -> None:
+        runs.append(task.n)
+        if len(runs) < 4:
+            raise Flaky("not yet")
+
+    async with env.running(app):
+        await app.send(job, Job(n=5))
+        await env.until(lambda: len(runs) == 4)
+        await env.elapse(0.5)
+        assert await env.depth(f"{job.queue}.dead") == 0
+        assert await env.depth(job.queue) == 0
+
+    assert runs == [5, 5, 5, 5]
+
+
+async def test_unlisted_errors_and_reject_go_to_the_dead_letter_queue_at_once(
+    env: Env, unique: str
+) -> None:
+    job = amqtask.contract(
+        f"{unique}.job", Job, retry=amqtask.Retry(attempts=5, initial=1.0, on=(Flaky,))
+    )
+    app = env.app([job])
+    runs: list[int] = []
+
+    @app.handler(job)
+    def handle(task: Job) -> None:  # a plain def, in a thread
+        runs.append(task.n)
+        if task.n == 1:
+            raise ValueError("not retried")
+        raise amqtask.Reject("the order was cancelled")
+
+    async with env.running(app):
+        await app.send(job, Job(n=1))
+        await app.send(job, Job(n=2))
+        letters = await env.dead_letters(job.queue, 2)
+        await env.elapse(1.5)
+
+    assert sorted(runs) == [1, 2]
+    by_body = {letter.body: letter.headers for letter in letters}
+    assert by_body[b'{"n":1}']["amqtask-reason"] == "handler_error"
+    assert by_body[b'{"n":1}']["amqtask-attempt"] == 1
+    assert by_body[b'{"n":2}']["amqtask-reason"] == "rejected"
+    assert by_body[b'{"n":2}']["amqtask-error"] == "the order was cancelled"
+
+
+async def test_delayed_sends_arrive_in_delay_order_and_never_early(env: Env, unique: str) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = env.app([job])
+    arrived: dict[int, float] = {}
+
+    @app.handler(job)
+    async def handle(task: Job) -> None:
+        arrived[task.n] = now()
+
+    async with env.running(app):
+        sent_at = now()
+        await app.send(job, Job(n=2), delay=timedelta(seconds=2))
+        await app.send(job, Job(n=1), eta=datetime.now(UTC) + timedelta(seconds=1))
+        await env.until(lambda: len(arrived) == 2)
+
+    assert sorted(arrived, key=arrived.__getitem__) == [1, 2]
+    for n, at in arrived.items():
+        assert n <= at - sent_at < n + 1.5
+
+
+# --- messages that are not tasks ----------------------------------------------------------------
+
+
+async def test_messages_that_are_not_tasks_are_dead_lettered_with_their_reason(
+    env: Env, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = env.app([job])
+    seen: list[int] = []
+
+    @app.handler(job)
+    async def handle(task: Job) -> None:
+        seen.append(task.n)
+
+    raw = [
+        (b"{not json", {_codec.TASK: job.name}, "application/json"),
+        (b'{"n": "x"}', {_codec.TASK: job.name}, "application/json"),
+        (b'{"n": 1}', {_codec.TASK: f"{unique}.other"}, "application/json"),
+        (b'{"n": 1}', {}, "application/json"),
+        (b'{"n": 1}', {_codec.TASK: job.name}, "text/plain"),
+    ]
+    async with env.running(app):
+        for i, (body, headers, content_type) in enumerate(raw):
+            message = Outgoing(body, f"raw-{i}", headers=headers, content_type=content_type)
+            await app.transport.publish(
+                app.names.task_exchange, job.routing_key, message, task="raw", timeout=10
+            )
+        await app.send(job, Job(n=7))  # and work goes on
+        letters = await env.dead_letters(job.queue, len(raw))
+        await env.until(lambda: seen == [7])
+
+    reasons = {letter.message_id: letter.headers["amqtask-reason"] for letter in letters}
+    assert reasons == {
+        "raw-0": "undecodable_body",
+        "raw-1": "invalid_payload",
+        "raw-2": "unknown_task",
+        "raw-3": "missing_task_header",
+        "raw-4": "unsupported_content_type",
+    }
+    for letter in letters:
+        assert set(letter.headers) - {"amqtask-task", *GET_ADDS} == {
+            "amqtask-reason",
+            "amqtask-error",
+            "amqtask-failed-at",
+            "amqtask-queue",
+        }
+    assert letters[2].body == b'{"n": 1}'
+
+
+# --- calls --------------------------------------------------------------------------------------
+
+
+async def test_a_call_returns_its_result_and_a_failing_handler_answers_with_remote_error(
+    env: Env, unique: str
+) -> None:
+    double = amqtask.contract(f"{unique}.double", Job, returns=Doubled)
+    app = env.app([double])
+    runs: list[int] = []
+
+    @app.handler(double)
+    async def handle(task: Job) -> Any:
+        runs.append(task.n)
+        if task.n == 0:
+            raise KeyError("zero")
+        if task.n < 0:
+            return {"m": "not a number"}
+        return Doubled(m=task.n * 2)
+
+    async with env.running(app):
+        assert await env.finish(app.call(double, Job(n=21), timeout=10)) == Doubled(m=42)
+        with pytest.raises(amqtask.RemoteError) as failed:
+            await env.finish(app.call(double, Job(n=0), timeout=10))
+        with pytest.raises(amqtask.InvalidReply) as invalid:
+            await env.finish(app.call(double, Job(n=-1), timeout=10))
+        letters = await env.dead_letters(double.queue, 2)
+        await env.elapse(1.5)  # a call is never retried
+
+    assert runs == [21, 0, -1]
+    assert failed.value.reason == "handler_error"
+    assert failed.value.remote_type == "builtins.KeyError"
+    assert failed.value.remote_message == "'zero'"
+    assert "KeyError" in failed.value.remote_traceback
+    assert invalid.value.reason == "invalid_result"
+    assert "Doubled" in invalid.value.remote_message
+    assert [letter.headers["amqtask-reason"] for letter in letters] == [
+        "handler_error",
+        "invalid_result",
+    ]
+
+
+async def test_a_call_nobody_serves_times_out_and_the_broker_dead_letters_its_request(
+    env: Env, unique: str
+) -> None:
+    double = amqtask.contract(f"{unique}.double", Job, returns=Doubled)
+    app = env.app([double])  # no handler: nothing consumes the queue
+    async with env.running(app):
+        started = now()
+        with pytest.raises(amqtask.CallTimeout, match=f"no reply within 1 s.*{double.queue}"):
+            await env.finish(app.call(double, Job(n=1), timeout=1))
+        waited = now() - started
+        (letter,) = await env.dead_letters(double.queue, 1)
+
+    assert 1 <= waited < 2
+    assert last_death_reason(letter.headers) == "expired"
+    assert letter.headers["x-first-death-reason"] == "expired"
+    assert letter.headers["x-first-death-queue"] == double.queue
+    (death,) = letter.headers["x-death"]
+    assert death["reason"] == "expired"
+    assert death["count"] == 1
+    assert death["original-expiration"] == "1000"
+    assert letter.body == b'{"n":1}'
+
+
+async def test_a_request_held_by_a_busy_worker_past_its_deadline_is_dropped_unrun(
+    env: Env, unique: str
+) -> None:
+    double = amqtask.contract(f"{unique}.double", Job, returns=Doubled)
+    app = env.app([double])
+    runs: list[int] = []
+
+    @app.handler(double)
+    async def handle(task: Job) -> Doubled:
+        runs.append(task.n)
+        if task.n == 1:
+            await asyncio.sleep(1.5)
+        return Doubled(m=task.n * 2)
+
+    with structlog.testing.capture_logs() as logs:
+        async with env.running(app, concurrency=1, prefetch=2):
+            first = asyncio.ensure_future(app.call(double, Job(n=1), timeout=10))
+            await env.until(lambda: runs == [1])
+            with pytest.raises(amqtask.CallTimeout):
+                await env.finish(app.call(double, Job(n=2), timeout=0.5))
+            assert await env.finish(first) == Doubled(m=2)
+            await env.until(lambda: any(e["event"] == "call_expired" for e in logs))
+            assert await env.depth(f"{double.queue}.dead") == 0
+
+    assert runs == [1]
+
+
+# --- bounded queues and redeliveries ------------------------------------------------------------
+
+
+async def test_a_full_queue_refuses_sends_and_drop_head_dead_letters_the_oldest(
+    env: Env, unique: str
+) -> None:
+    bounded = amqtask.contract(f"{unique}.bounded", Job, max_length=2, queue_type="classic")
+    # RabbitMQ 3.10's quorum queue refuses only once it is over its limit: one message more.
+    quorum = amqtask.contract(f"{unique}.quorum", Job, max_length=2)
+    dropping = amqtask.contract(
+        f"{unique}.dropping", Job, max_length=1, overflow="drop-head", queue_type="classic"
+    )
+    app = env.app([bounded, quorum, dropping])  # no handlers: the queues fill up
+    async with env.running(app):
+        for contract, room in ((bounded, 2), (quorum, 3)):
+            for n in range(room):
+                await app.send(contract, Job(n=n))
+            with pytest.raises(amqtask.QueueFull, match="is full"):
+                await app.send(contract, Job(n=room))
+        oldest = await app.send(dropping, Job(n=1))
+        await app.send(dropping, Job(n=2))
+        (dropped,) = await env.dead_letters(dropping.queue, 1)
+        assert await env.depth(bounded.queue) == 2
+        assert await env.depth(quorum.queue) == 3
+        assert await env.depth(dropping.queue) == 1
+
+    assert dropped.message_id == oldest
+    assert last_death_reason(dropped.headers) == "maxlen"
+    assert dropped.headers["x-first-death-reason"] == "maxlen"
+
+
+async def test_a_delivery_never_acked_comes_back_redelivered_until_its_delivery_limit(
+    env: Env, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job, delivery_limit=2)
+    app = env.app([job])  # no worker: each time, a consumer takes it and its connection drops
+    seen: list[tuple[bool | None, Any]] = []
+    async with env.running(app):
+        sent = await app.send(job, Job(n=1))
+        for _ in range(3):
+            transport = env.transport()
+            await transport.connect()
+            got = asyncio.Event()
+
+            async def take(delivery: Any, got: asyncio.Event = got) -> None:
+                seen.append((delivery.redelivered, delivery.headers.get("x-delivery-count")))
+                got.set()
+
+            await transport.consume(job.queue, take, prefetch=1)
+            await env.until(got.is_set)
+            await transport.close()  # unacked: back to the queue
+        (letter,) = await env.dead_letters(job.queue, 1)
+        assert await env.depth(job.queue) == 0
+
+    assert seen == [(False, None), (True, 1), (True, 2)]
+    assert letter.message_id == sent
+    assert last_death_reason(letter.headers) == "delivery_limit"
