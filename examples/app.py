@@ -29,9 +29,14 @@ async def do_resize(job: Resize) -> Resized:
     return Resized(path=job.path.replace(".png", f"-{job.width}.png"), size=job.width * job.width)
 
 
+def deliver_mail(user: str, text: str) -> None:
+    """Stands in for the mail server (raises `ConnectionError` when it is unreachable)."""
+    log.info("notified", user=user, text=text)
+
+
 @app.handler(notify)
 def do_notify(job: Notify) -> None:
     # A plain `def` runs in a worker thread, so blocking I/O here does not stall the loop.
     if job.user == "nobody":
         raise LookupError(f"no such user: {job.user}")
-    log.info("notified", user=job.user, text=job.text)
+    deliver_mail(job.user, job.text)
