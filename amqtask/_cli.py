@@ -182,7 +182,8 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
     "--prefetch",
     type=click.IntRange(1),
     default=None,
-    help="Unacked deliveries held per queue [default: the concurrency].",
+    help="Unacked deliveries held per queue [default: the concurrency; with --pool process, 4 "
+    "per child].",
 )
 @click.option(
     "--shutdown-timeout",

@@ -181,6 +181,8 @@ class ChildPool:
         self._children: set[Child] = set()
         self._starting: set[asyncio.Task[None]] = set()  # replacements being started
         self._stopping: set[asyncio.Task[None]] = set()  # children being stopped or reaped
+        self._waiting: set[asyncio.Task[Any]] = set()  # tasks waiting for an idle child
+        self._draining = False
         self._closing = False
 
     @property
@@ -231,6 +233,7 @@ class ChildPool:
             "parent": os.getpid() if not self.environment.launcher else None,
             "path": sys.path if self.environment.native else [os.getcwd()],
             "preload": self._preload,
+            "rss": self._recycling.max_memory_mib is not None,
         }
         try:
             reply, _ = await asyncio.wait_for(child.request(_runner.frame(hello)), START_TIMEOUT)
@@ -257,7 +260,7 @@ class ChildPool:
         a cancellation (shutdown gave up on the task) kills the child too. Every other outcome,
         including the handler's exceptions, is in the reply.
         """
-        child = await self._idle.get()
+        child = await self._idle_child()
         try:
             async with asyncio.timeout(time_limit) as scope:
                 reply, body = await child.request(data)
@@ -284,6 +287,24 @@ class ChildPool:
         child.tasks += 1
         self._after_task(child, reply.get("rss"))
         return reply, body
+
+    async def _idle_child(self) -> Child:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._draining:
+            task.cancel()  # as if drained while waiting: the task never starts
+        self._waiting.add(task)
+        try:
+            return await self._idle.get()
+        finally:
+            self._waiting.discard(task)
+
+    def drain(self) -> None:
+        """Start no more tasks: those waiting for a child are cancelled (their deliveries stay
+        unacked and are redelivered); those running go on to their end."""
+        self._draining = True
+        for task in self._waiting:
+            task.cancel()
 
     def _after_task(self, child: Child, rss: Any) -> None:
         max_tasks, max_mib = self._recycling.max_tasks, self._recycling.max_memory_mib

@@ -7,11 +7,12 @@ library (amqtask, pydantic and orjson are used when that interpreter has them, n
 The protocol runs over the child's original stdin and stdout; the handler's own prints go to
 stderr. Every frame is `>II` (header length, body length), a JSON header, then a body:
 
-    worker -> child   hello  {"path": [...], "preload": ["module:qualname", ...], "parent": pid}
+    worker -> child   hello  {"path": [...], "preload": ["module:qualname", ...], "parent": pid,
+                              "rss": whether to report the resident set size after each task}
     child -> worker   ready  {"ready": true, "pid": ...}   or  {"error": "...", "traceback": "..."}
     worker -> child   task   {"handler": "m:q", "input": "m:q" or null, "soft": seconds or null}
                              body: the payload's JSON
-    child -> worker   done   {"ok": true, "rss": bytes}  body: the result's JSON
+    child -> worker   done   {"ok": true, "rss": bytes or null}  body: the result's JSON
                              {"ok": false, "type": "m:Q", "message": ..., "traceback": ...,
                               "soft": bool, "reject": reason (only for amqtask.Reject), "rss": ...}
 
@@ -195,7 +196,8 @@ def _is_async(func: Any) -> bool:
 
 
 class Runner:
-    def __init__(self) -> None:
+    def __init__(self, report_rss: bool = True) -> None:
+        self.report_rss = report_rss  # reading /proc costs a little: only when it is checked
         self._alarm = _Alarm()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -229,7 +231,7 @@ class Runner:
             result = _encode(self.call(func, payload, header.get("soft")))
         except BaseException as exc:
             return frame(_failure(exc))
-        return frame({"ok": True, "rss": _rss()}, result)
+        return frame({"ok": True, "rss": _rss() if self.report_rss else None}, result)
 
 
 def _encode(result: Any) -> bytes:
@@ -338,7 +340,7 @@ def main() -> int:
             _write(replies, frame({"error": problem, "traceback": _traceback(exc)}))
             return 1
     _write(replies, frame({"ready": True, "pid": os.getpid()}))
-    runner = Runner()
+    runner = Runner(report_rss=bool(config.get("rss", True)))
     while True:
         task = _read_frame(commands)
         if task is None:

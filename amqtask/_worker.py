@@ -61,10 +61,14 @@ class WorkerSettings:
     contracts with `isolation="process"` under either pool. `time_limit` and `soft_time_limit`
     (seconds) apply to contracts that set none. `max_tasks_per_child` and `max_memory_per_child`
     (MiB of resident memory, checked after each task) replace a child with a fresh one.
+
+    With `pool="process"` the prefetch defaults to four deliveries per child (Celery's default
+    multiplier), and that many tasks may be in flight: those beyond the children wait for the
+    next free child, so that a child never waits for the broker.
     """
 
     concurrency: int = 10
-    prefetch: int | None = None  # default: concurrency
+    prefetch: int | None = None  # default: concurrency (4 x concurrency for the process pool)
     shutdown_timeout: float = 30.0
     pool: str = "thread"
     time_limit: float | None = None
@@ -91,7 +95,17 @@ class WorkerSettings:
 
     @property
     def effective_prefetch(self) -> int:
-        return self.concurrency if self.prefetch is None else self.prefetch
+        if self.prefetch is not None:
+            return self.prefetch
+        return 4 * self.concurrency if self.pool == "process" else self.concurrency
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries taken into handling at once: the concurrency, or for the process pool
+        also those waiting for a free child."""
+        if self.pool == "process":
+            return max(self.concurrency, self.effective_prefetch)
+        return self.concurrency
 
 
 class Worker:
@@ -108,7 +122,7 @@ class Worker:
             raise AmqtaskError("the app has no handlers: register them with @app.handler(...)")
         self.app = app
         self.settings = settings or WorkerSettings()
-        self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self._slots = asyncio.Semaphore(self.settings.in_flight)
         self._executor = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix="amqtask-handler"
         )
@@ -248,6 +262,8 @@ class Worker:
             self._watch.cancel()
         for subscription in self._subscriptions:
             await subscription.cancel()
+        for pool in self._pools.values():
+            pool.drain()  # tasks still waiting for a child never start: left unacked
         running = set(self._running)
         log.info("worker_stopping", in_flight=len(running), timeout=self.settings.shutdown_timeout)
         if running:

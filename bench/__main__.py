@@ -29,7 +29,7 @@ import amqtask
 from bench import _scenarios as s
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
-SCENARIOS = ("send", "pipelined", "worker", "rpc", "rss")
+SCENARIOS = ("send", "pipelined", "worker", "rpc", "rss", "pool")
 
 
 @dataclass
@@ -324,6 +324,94 @@ class Bench:
             )
         )
 
+    # --- 6: where handlers run: the event loop, threads, child processes -----------------------
+
+    async def pool(self) -> None:
+        """No-op and 5 ms CPU tasks drained by one worker whose handlers run on the event loop
+        (`async def`), in threads (`def`) or in a process pool of 1 and 2 children per core.
+
+        No peer framework runs in this benchmark (Celery's prefork pool is not installed):
+        the process pool is compared with amqtask's own thread pool in the same run.
+        """
+        apps, cores, prefetch = self.apps, os.cpu_count() or 1, self.args.prefetch
+        log_level = self.args.worker_log_level
+        process = ("--pool", "process", "--prefetch", str(prefetch))
+        children = {"process 1/core": cores, "process 2/core": 2 * cores}
+
+        def commands(asynchronous: str, plain: str) -> dict[str, list[str]]:
+            return {
+                "async": s.amqtask_worker(asynchronous, prefetch, 1, log_level),
+                "thread": s.amqtask_worker(plain, prefetch, 1, log_level),
+                **{
+                    side: s.amqtask_worker(plain, n, 1, log_level, *process)
+                    for side, n in children.items()
+                },
+            }
+
+        workloads = {
+            "no-op": (apps.job, self.args.pool_noop, commands("tasks", "plain")),
+            "5 ms CPU": (apps.cpu_job, self.args.pool_cpu, commands("burn_async", "burn")),
+        }
+        results: dict[str, dict[str, list[float]]] = {}
+        usage: dict[tuple[str, str], list[s.Usage]] = {}
+        for workload, (contract, count, by_side) in workloads.items():
+
+            async def one(
+                side: str,
+                workload: str = workload,
+                contract: Any = contract,
+                count: int = count,
+                by_side: Any = by_side,
+            ) -> float:
+                await self.env.purge(contract.queue)
+                await s.preload(self.env, self.raw, count, contract)
+                rate, used = await s.consume_rate(self.env, [by_side[side]], count, contract.queue)
+                usage.setdefault((workload, side), []).append(used)
+                return rate
+
+            results[workload] = await self.compare(
+                f"pool, {workload} tasks", one, tuple(by_side), self.args.worker_repeat
+            )
+
+        def per_task(workload: str, side: str) -> str:
+            runs = usage[(workload, side)]
+            cpu = s.median([u.consumers_us for u in runs])
+            wall = 1e6 / s.median(results[workload][side])
+            return f"{side} {wall:,.0f} us wall, {cpu:,.0f} us CPU per task"
+
+        for workload, runs in results.items():
+            sides = [per_task(workload, side) for side in runs]
+            for side in ("async", *children):
+                self.rows.append(
+                    Row(
+                        f"{workload} tasks, {side} vs thread pool",
+                        "tasks/s",
+                        runs[side],
+                        runs["thread"],
+                        baseline_label="thread pool",
+                        note="; ".join(sides) if side == "async" else "",
+                    )
+                )
+        ideal = cores / apps.CPU_SECONDS
+        for side, n in children.items():
+            busy = min(n, cores)
+            self.rows.append(
+                Row(
+                    f"5 ms CPU tasks, {side} ({n} children) vs ideal",
+                    "tasks/s",
+                    results["5 ms CPU"][side],
+                    [busy / apps.CPU_SECONDS],
+                    baseline_label=f"{busy} cores x {1 / apps.CPU_SECONDS:.0f}/s",
+                    target=(">=", 0.9),
+                    note=(
+                        f"ideal {ideal:,.0f}/s needs every core free; the worker process and "
+                        "the broker share them here"
+                    )
+                    if side == "process 1/core"
+                    else "",
+                )
+            )
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -352,6 +440,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--rss-small", type=int, default=1_000, help="queued tasks, small memory run")
     add("--rss-large", type=int, default=100_000, help="queued tasks, large memory run")
     add("--rss-repeat", type=int, default=1, help="repetitions of the memory runs")
+    add("--pool-noop", type=int, default=5_000, help="queued no-op tasks per pool run")
+    add("--pool-cpu", type=int, default=1_000, help="queued 5 ms CPU tasks per pool run")
     add("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS), help="what to run")
     add("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
     args = parser.parse_args(argv)
@@ -364,8 +454,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     os.environ["BENCH_NAMESPACE"], os.environ["AMQTASK_URL"] = namespace, args.url
     apps = importlib.import_module("bench.app")
-    topologies = [apps.tasks.topology, apps.rpc.topology, apps.raw.topology]
-    for app in (apps.tasks, apps.rpc, apps.raw):
+    topologies = [apps.tasks.topology, apps.rpc.topology, apps.raw.topology, apps.burn.topology]
+    for app in (apps.tasks, apps.rpc, apps.raw, apps.burn):
         await app.declare()
     connection = await aio_pika.connect(args.url)
     raw = await aio_pika.connect_robust(  # preloads queues

@@ -125,10 +125,13 @@ def payload(n: int) -> dict[str, Any]:
     return {"n": n, "user": "ada", "text": "hello from the benchmark"}
 
 
-async def preload(env: Env, raw_connection: AbstractConnection, count: int) -> None:
-    """Fill the job queue with `count` amqtask task messages (fast: raw, 500 in flight)."""
+async def preload(
+    env: Env, raw_connection: AbstractConnection, count: int, contract: Any = None
+) -> None:
+    """Fill the job queue (or `contract`'s) with `count` amqtask task messages (fast: raw, 500
+    in flight)."""
     names = env.apps.tasks.names
-    contract = env.apps.job
+    contract = contract or env.apps.job
     channel = await raw_connection.channel(publisher_confirms=True)
     exchange = await channel.get_exchange(names.task_exchange, ensure=False)
 
@@ -163,9 +166,11 @@ async def sends(count: int, concurrency: int, send: Callable[[int], Awaitable[An
 # --- consumer processes -----------------------------------------------------------------------
 
 
-def amqtask_worker(app: str, concurrency: int, processes: int, log_level: str) -> list[str]:
+def amqtask_worker(
+    app: str, concurrency: int, processes: int, log_level: str, *options: str
+) -> list[str]:
     command = [sys.executable, "-m", "amqtask", "worker", f"bench.app:{app}", "--json-logs"]
-    command += ["--concurrency", str(concurrency), "--log-level", log_level]
+    command += ["--concurrency", str(concurrency), "--log-level", log_level, *options]
     return command + (["--processes", str(processes)] if processes > 1 else [])
 
 
@@ -319,9 +324,12 @@ async def drain(env: Env, queue: str, running: Running, count: int) -> Usage:
     )
 
 
-async def consume_rate(env: Env, commands: list[list[str]], count: int) -> tuple[float, Usage]:
-    """Messages per second the consumer processes drain a preloaded queue of `count` at."""
-    queue = env.apps.job.queue
+async def consume_rate(
+    env: Env, commands: list[list[str]], count: int, queue: str | None = None
+) -> tuple[float, Usage]:
+    """Messages per second the consumer processes (and their children) drain a preloaded queue
+    (the job queue unless told) of `count` at."""
+    queue = queue or env.apps.job.queue
     async with consumers(env, commands) as running:
         usage = await drain(env, queue, running, count)
     rate, total = _timeline.throughput(running.timelines)

@@ -3,12 +3,14 @@
 `BENCH_NAMESPACE` names everything (the benchmark deletes it afterwards), `AMQTASK_URL` is the
 broker, and `BENCH_STATS_DIR`, when set, receives each worker process's completion timeline
 (see `bench._timeline`) at exit. Run by `amqtask worker bench.app:tasks` and
-`amqtask worker bench.app:rpc`.
+`amqtask worker bench.app:rpc`; the pool scenario runs `plain` (a `def` no-op, in threads or
+child processes, whose timelines are their own), `burn` and `burn_async` (5 ms of CPU each).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 from pydantic import BaseModel
 
@@ -34,9 +36,16 @@ echo = amqtask.contract(f"{NAMESPACE}.echo", Job, returns=Echoed, queue=f"{NAMES
 # The raw responder's queue: declared by amqtask too, so both sides use the same queue settings.
 raw_echo = amqtask.contract(f"{NAMESPACE}.raw_echo", Job, queue=f"{NAMESPACE}.raw_calls")
 
+# CPU-bound tasks for the pool scenario: each burns CPU_SECONDS of its thread's CPU time.
+cpu_job = amqtask.contract(f"{NAMESPACE}.cpu", Job, queue=f"{NAMESPACE}.cpu")
+CPU_SECONDS = 0.005
+
 tasks = amqtask.App(URL, [job], namespace=NAMESPACE, name="bench-worker")
 rpc = amqtask.App(URL, [echo], namespace=NAMESPACE, name="bench-responder")
 raw = amqtask.App(URL, [raw_echo], namespace=NAMESPACE, name="bench-raw")  # topology only
+plain = amqtask.App(URL, [job], namespace=NAMESPACE, name="bench-plain")
+burn = amqtask.App(URL, [cpu_job], namespace=NAMESPACE, name="bench-burn")
+burn_async = amqtask.App(URL, [cpu_job], namespace=NAMESPACE, name="bench-burn-async")
 timeline = _timeline.Timeline.from_env()
 
 
@@ -48,3 +57,28 @@ async def do_job(task: Job) -> None:
 @rpc.handler(echo)
 async def do_echo(task: Job) -> Echoed:
     return Echoed(n=task.n)
+
+
+@plain.handler(job)
+def do_job_plain(task: Job) -> None:
+    timeline.tick()
+
+
+def _burn_cpu() -> None:
+    # Pure-Python work measured in this thread's CPU time, so a task costs the same CPU whether
+    # it shares a core (or the GIL) or not; wall-clock spinning would hide contention.
+    end = time.thread_time() + CPU_SECONDS
+    while time.thread_time() < end:
+        pass
+
+
+@burn.handler(cpu_job)
+def do_burn(task: Job) -> None:
+    _burn_cpu()
+    timeline.tick()
+
+
+@burn_async.handler(cpu_job)
+async def do_burn_async(task: Job) -> None:
+    _burn_cpu()
+    timeline.tick()

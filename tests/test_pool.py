@@ -223,3 +223,28 @@ def test_a_handler_registered_by_path_needs_a_contract_that_runs_in_a_process() 
     app = amqtask.App("amqp://guest:guest@127.0.0.1:1/", [job])
     with pytest.raises(amqtask.ContractError, match="isolation='process'"):
         app.handler_at(job, "somewhere:handle")
+
+
+# --- the worker's settings for the pool ----------------------------------------------------------
+
+
+def test_the_process_pool_prefetches_four_deliveries_per_child_and_holds_them_in_flight() -> None:
+    settings = amqtask.WorkerSettings(concurrency=2, pool="process")
+    assert (settings.effective_prefetch, settings.in_flight) == (8, 8)
+    threads = amqtask.WorkerSettings(concurrency=2)
+    assert (threads.effective_prefetch, threads.in_flight) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"pool": "fork"},
+        {"time_limit": 0},
+        {"time_limit": 5, "soft_time_limit": 5},
+        {"max_tasks_per_child": 0},
+        {"max_memory_per_child": 0},
+    ],
+)
+def test_invalid_pool_settings_are_refused(settings: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - each setting words its own message
+        amqtask.WorkerSettings(**settings)
