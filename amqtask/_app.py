@@ -11,7 +11,7 @@ from typing import Any, Self, TypeVar, cast
 
 from pydantic import BaseModel
 
-from amqtask import _codec, _wallclock, topology
+from amqtask import _codec, _tracing, _wallclock, topology
 from amqtask._contract import Contract, In, Isolation, Out, Overflow
 from amqtask._exceptions import ContractError, PublishNacked, QueueFull
 from amqtask._execution import is_async
@@ -239,6 +239,38 @@ class App:
         if wait is not None:
             exchange = self.names.delay_entry_exchange
             routing = delay_routing_key(delay_seconds(wait), contract.queue)
+        timeout = self.publish_timeout if timeout is None else timeout
+        if not _tracing.ENABLED:
+            return await self._publish(contract, message, exchange, routing, timeout, wait_if_full)
+        span = _tracing.start_send(
+            message.headers,
+            exchange=exchange,
+            routing_key=routing,
+            destination=contract.routing_key,
+            message_id=message.message_id,
+            correlation_id=None,
+            task=contract.name,
+            version=contract.version,
+            body_size=len(message.body),
+        )
+        try:
+            await self._publish(contract, message, exchange, routing, timeout, wait_if_full)
+        except BaseException as exc:
+            _tracing.end(span, exc)
+            raise
+        _tracing.end(span)
+        return message.message_id
+
+    async def _publish(
+        self,
+        contract: Contract[Any, Any],
+        message: _codec.Outgoing,
+        exchange: str,
+        routing: str,
+        timeout: float | None,
+        wait_if_full: float,
+    ) -> str:
+        """Publish, confirmed; while a `reject-publish` queue is full, retry for `wait_if_full`."""
         clock = asyncio.get_running_loop()
         give_up = clock.time() + wait_if_full
         pause = 0.05
@@ -249,7 +281,7 @@ class App:
                     routing,
                     message,
                     task=contract.name,
-                    timeout=self.publish_timeout if timeout is None else timeout,
+                    timeout=timeout,
                 )
                 return message.message_id
             except PublishNacked:

@@ -79,6 +79,7 @@ class Outgoing:
     reply_to: str | None = None
     expiration: float | None = None  # seconds
     content_encoding: str | None = None
+    type: str | None = None  # the AMQP `type` property: the task name on a task message
 
 
 class Delivery(Protocol):
@@ -124,12 +125,12 @@ def encode_task(
 ) -> Outgoing:
     """Validate and serialize a task message. Raises `ValidationError`, publishing nothing."""
     model = validate_input(contract, payload)
-    headers: dict[str, Any] = {TASK: contract.name, VERSION: contract.version}
-    _tracing.inject(headers)  # traceparent, when OpenTelemetry is installed and a span is active
+    # The trace context (traceparent) is added by `send` and `call`, in their producer span.
     return Outgoing(
         body=orjson.dumps(model.model_dump(mode="json")),
         message_id=message_id or new_message_id(),
-        headers=headers,
+        headers={TASK: contract.name, VERSION: contract.version},
+        type=contract.name,
     )
 
 
@@ -414,6 +415,9 @@ def _copy(delivery: Delivery, ours: dict[str, Any]) -> Outgoing:
         if isinstance(key, str) and not key.startswith(_BROKER_DEATH_HEADERS)
     }
     headers.update(ours)
+    # Within the worker's process span, the copy carries its context: the retry's next attempt
+    # (or a dead letter's replay) continues that trace. Without a span, the received one stays.
+    _tracing.inject(headers)
     return Outgoing(
         body=delivery.body,
         message_id=delivery.message_id or new_message_id(),
@@ -421,6 +425,7 @@ def _copy(delivery: Delivery, ours: dict[str, Any]) -> Outgoing:
         content_type=delivery.content_type,
         content_encoding=delivery.content_encoding,
         correlation_id=delivery.correlation_id,
+        type=header_text(getattr(delivery, "type", None)),
     )
 
 

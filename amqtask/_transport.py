@@ -147,6 +147,7 @@ def _properties(message: Outgoing) -> aiormq.spec.Basic.Properties:
         expiration=None if expiration is None else str(int(expiration * 1000)),  # milliseconds
         message_id=message.message_id,
         content_encoding=message.content_encoding,
+        message_type=message.type,  # AMQP `type`
     )
 
 

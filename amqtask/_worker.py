@@ -34,9 +34,11 @@ from amqtask._exceptions import AmqtaskError
 from amqtask._execution import (
     Executor,
     Expired,
+    Failed,
     LoopExecutor,
     Outcome,
     Refused,
+    Rejected,
     ThreadExecutor,
     execute,
 )
@@ -325,8 +327,14 @@ class Worker:
         answered or released, whatever the message or the handler did."""
         started = time.perf_counter()
         envelope = _codec.open_envelope(delivery, queue, self._contracts)
-        outcome = await self._run(envelope)
-        settled = await self._settler.settle(envelope, outcome)
+        if not (_tracing.ENABLED and _tracing.wanted(delivery.headers)):
+            outcome = await self._run(envelope)
+            settled = await self._settler.settle(envelope, outcome)
+        else:
+            with _tracing.processing(**_trace_fields(envelope)) as span:
+                outcome = await self._run(envelope)
+                settled = await self._settler.settle(envelope, outcome)
+                _tracing.settled(span, settled.outcome, settled.details, **_trace_error(outcome))
         self._outcome(settled, envelope, started)
 
     async def _run(self, envelope: _codec.Envelope) -> Outcome:
@@ -338,10 +346,7 @@ class Worker:
         assert envelope.contract is not None
         handler = self.app.handlers[envelope.contract.key]
         executor = self._executors[envelope.contract.key]
-        if not _tracing.ENABLED:
-            return await execute(executor, handler.func, envelope.payload)
-        with _tracing.consumer_span(envelope.delivery.headers or {}, handler.contract.name):
-            return await execute(executor, handler.func, envelope.payload)
+        return await execute(executor, handler.func, envelope.payload)
 
     def _outcome(self, settled: Settled, envelope: _codec.Envelope, started: float) -> None:
         outcome = settled.outcome
@@ -359,3 +364,33 @@ class Worker:
             outcome=outcome,
             **settled.details,
         )
+
+
+def _trace_fields(envelope: _codec.Envelope) -> dict[str, Any]:
+    """What the process span says of a delivery (see `amqtask._tracing`)."""
+    delivery, contract = envelope.delivery, envelope.contract
+    return {
+        "headers": delivery.headers or {},
+        "destination": envelope.queue if contract is None else contract.routing_key,
+        "queue": envelope.queue,
+        "exchange": getattr(delivery, "exchange", None),
+        "routing_key": getattr(delivery, "routing_key", None),
+        "message_id": delivery.message_id,
+        "correlation_id": delivery.correlation_id if envelope.is_call else None,
+        "task": envelope.task,
+        "version": None if contract is None else contract.version,
+        "attempt": envelope.attempt,
+        "body_size": len(delivery.body),
+    }
+
+
+def _trace_error(outcome: Outcome) -> dict[str, Any]:
+    """The process span's `error.type` (and exception) for an outcome that is a failure."""
+    match outcome:
+        case Failed(exc):
+            return {"error": _tracing.error_type(exc), "exc": exc}
+        case Rejected():
+            return {"error": _codec.Reasons.REJECTED}
+        case Refused(problem):
+            return {"error": problem.reason}
+    return {}

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel
 
-from amqtask import _codec
+from amqtask import _codec, _tracing
 from amqtask._contract import Contract
 from amqtask._exceptions import CallTimeout, ConnectionLost
 from amqtask._transport import ReplyChannel, Transport
@@ -63,6 +63,21 @@ class Caller:
             # Just before the publish: the reply can arrive before the publish is confirmed.
             self._pending[correlation_id] = pending
 
+        span = None
+        if _tracing.ENABLED:
+            # One PRODUCER span for the whole call: the request's publish and the wait for its
+            # reply (the worker's process span is its child).
+            span = _tracing.start_send(
+                message.headers,
+                exchange=self._exchange,
+                routing_key=contract.routing_key,
+                destination=contract.routing_key,
+                message_id=message.message_id,
+                correlation_id=correlation_id,
+                task=contract.name,
+                version=contract.version,
+                body_size=len(message.body),
+            )
         try:
             async with asyncio.timeout(timeout):
                 await channel.request(
@@ -73,21 +88,29 @@ class Caller:
                     before_publish=register,
                 )
                 reply = await pending.reply
+            result = _codec.decode_reply(contract, reply)
         except TimeoutError:
-            raise CallTimeout(
+            error: BaseException = CallTimeout(
                 f"task {contract.name!r}: no reply within {timeout} s (is a worker consuming "
                 f"queue {contract.queue!r}?). The request expires unprocessed if no worker took it "
                 "in time; a worker that already had it may still finish it.",
                 task=contract.name,
                 correlation_id=correlation_id,
-            ) from None
+            )
+            _tracing.end(span, error)
+            raise error from None
+        except BaseException as exc:
+            _tracing.end(span, exc)
+            raise
+        else:
+            _tracing.end(span)
         finally:
             self._pending.pop(correlation_id, None)
             if not pending.reply.done():
                 pending.reply.cancel()
             elif not pending.reply.cancelled():
                 pending.reply.exception()  # retrieved: a failure raised elsewhere is not logged
-        return _codec.decode_reply(contract, reply)
+        return result
 
     def _on_reply(self, delivery: _codec.Delivery) -> None:
         pending = self._pending.get(delivery.correlation_id or "")
