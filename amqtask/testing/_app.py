@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,7 +37,6 @@ from amqtask.testing._transport import MemoryTransport
 
 DEFAULT_WORKER = WorkerSettings(concurrency=10, shutdown_timeout=2.0)
 _QUIET_TURNS = 5  # loop turns without a change before the system counts as settled
-_STALLED = 0.05  # real seconds a delivery may wait for a worker slot held by a clock wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,10 +268,10 @@ class TestApp:
         deadline = time.monotonic() + limit
         while True:
             await self._quiesce(deadline)
-            if not self.broker.in_flight:
+            if not self._in_flight():
                 return
             if time.monotonic() > deadline:
-                running = ", ".join(sorted(repr(d) for d in self.broker.in_flight.values()))
+                running = ", ".join(sorted(repr(d) for d in self._in_flight()))
                 raise TimeoutError(
                     f"drain: still running after {limit} s: {running}. A handler waiting on "
                     "the clock finishes when `advance` moves it past its wait."
@@ -301,30 +301,48 @@ class TestApp:
         in threads finish, outcomes are settled."""
         deadline = time.monotonic() + self.drain_timeout if deadline is None else deadline
         broker = self.broker
-        seen, quiet, stalled_since = broker.activity, 0, 0.0
+        seen, quiet, waiting = broker.activity, 0, 0
         while True:
-            await asyncio.sleep(0)
+            # Spin through the loop while work moves; once it only waits (a thread, a child
+            # process), pause a millisecond of real time, in a thread: no loop timer, which the
+            # clock held by `advance` would never let fall due.
+            if waiting < 100:
+                await asyncio.sleep(0)
+            else:
+                await asyncio.get_running_loop().run_in_executor(None, time.sleep, 0.001)
             if broker.activity != seen:
-                seen, quiet, stalled_since = broker.activity, 0, 0.0
+                seen, quiet, waiting = broker.activity, 0, 0
                 continue
-            busy, in_threads = broker.busy()
-            if not busy:
+            if not self._busy():
                 quiet += 1
                 if quiet >= _QUIET_TURNS:
                     return
                 continue
-            now = time.monotonic()
-            if not in_threads:
-                # Deliveries waiting for a worker slot that handlers waiting on the clock hold.
-                stalled_since = stalled_since or now
-                if now - stalled_since > _STALLED:
-                    return
-            if now > deadline:
+            quiet, waiting = 0, waiting + 1
+            if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"still running after {self.drain_timeout} s: "
-                    + ", ".join(sorted(repr(d) for d in broker.in_flight.values()))
+                    + ", ".join(sorted(repr(d) for d in self._in_flight()))
                 )
-            await asyncio.sleep(0.001)
+
+    def _in_flight(self) -> list[MemoryDelivery]:
+        """The deliveries our workers hold (not those of consumers a test made itself)."""
+        ours = {id(worker.app.transport) for worker in self.workers}
+        return [d for d in self.broker.in_flight.values() if id(d.owner) in ours]
+
+    def _busy(self) -> int:
+        """Deliveries that move on without the clock moving: on their way to a handler with a
+        worker slot free, in a thread, being settled. Not those whose handler runs on the loop
+        (it may wait on the clock), nor those waiting for a slot such handlers hold."""
+        in_flight = self._in_flight()
+        slots: Counter[object] = Counter(
+            d.owner for d in in_flight if d.stage is not _Stage.HANDED_OVER
+        )
+        return sum(
+            d.stage is not _Stage.ON_LOOP
+            and not (d.stage is _Stage.HANDED_OVER and slots[d.owner] >= self._settings.concurrency)
+            for d in in_flight
+        )
 
     # --- looking inside ---------------------------------------------------------------------
 

@@ -51,7 +51,6 @@ from amqtask.testing._messages import (
     Crash,
     MemoryDelivery,
     Message,
-    Stage,
     StoredMessage,
     wire_headers,
 )
@@ -604,12 +603,6 @@ class MemoryBroker:
         if found is None:
             raise KeyError(f"no queue {queue!r} on the in-memory broker")
         return [Message.of(message, queue) for message in found.ready]
-
-    def busy(self) -> tuple[int, int]:
-        """(deliveries on their way or being settled, those running in a thread): the work
-        that goes on without the clock moving."""
-        busy = [d for d in self.in_flight.values() if d.stage is not Stage.ON_LOOP]
-        return len(busy), sum(d.stage is Stage.IN_THREAD for d in busy)
 
     def close(self) -> None:
         """Cancel the broker's timers."""

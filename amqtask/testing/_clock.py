@@ -1,10 +1,14 @@
 """The virtual clock: the event loop's time and the wall clock, moved forward on demand.
 
-The clock runs with real time and jumps when told to (`TestApp.advance`). It is installed on the
-running event loop by replacing the loop's `time()`, so everything timed on the loop follows it:
-`asyncio.sleep`, `asyncio.timeout` (a call's timeout), the in-memory broker's message TTLs. The
-wall clock amqtask reads (call deadlines, `eta=`, the failure times on dead letters) follows it
-too. Time never goes back: once installed on a loop, the clock stays for the loop's lifetime.
+It is installed on the running event loop by replacing the loop's `time()`, so everything timed
+on the loop follows it: `asyncio.sleep`, `asyncio.timeout` (a call's timeout), the in-memory
+broker's message TTLs. The wall clock amqtask reads (call deadlines, `eta=`, the failure times
+on dead letters) follows it too.
+
+Outside `advance` the clock runs with real time. During `advance` it stands still except for its
+jumps from one timer to the next, so what runs between two jumps takes no time: a message that
+waits in five delay levels arrives exactly when its delay is over, however long the machine took.
+Time never goes back: once installed on a loop, the clock stays for the loop's lifetime.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class VirtualClock:
         self._loop = loop
         self._real_time: Callable[[], float] = loop.time
         self._offset = 0.0
+        self._wall = time.time() - self._real_time()  # wall clock minus loop clock
+        self._still: float | None = None  # the time while `advance` holds the clock
         # What `advance` waits for between two timers; `TestApp` makes it wait for the worker.
         self.settle: Callable[[], Awaitable[None]] = _yield
         self.finish: Callable[[], Awaitable[None]] = _yield
@@ -84,11 +90,13 @@ class VirtualClock:
 
     def time(self) -> float:
         """The loop's time (`loop.time()`): monotonic seconds."""
+        if self._still is not None:
+            return self._still
         return self._real_time() + self._offset
 
     def now(self) -> float:
         """Wall-clock seconds since the epoch."""
-        return time.time() + self._offset
+        return self.time() + self._wall
 
     def utcnow(self) -> datetime:
         """The wall clock as an aware datetime in UTC."""
@@ -102,7 +110,15 @@ class VirtualClock:
 
     def jump_to(self, when: float) -> None:
         """Move the clock forward to loop time `when` (never back)."""
-        self._offset += max(0.0, when - self.time())
+        if self._still is not None:
+            self._still = max(self._still, when)
+        else:
+            self._offset += max(0.0, when - self.time())
+
+    @property
+    def standing_still(self) -> bool:
+        """Whether `advance` holds the clock (real time does not move it)."""
+        return self._still is not None
 
     async def advance(
         self,
@@ -118,20 +134,27 @@ class VirtualClock:
         Between two timers it lets what they started settle, so a task that comes due, fails and
         is retried a second later runs again within the same `advance`.
         """
-        target = self.time() + seconds_of(
-            delta, seconds=seconds, minutes=minutes, hours=hours, days=days
-        )
-        for _ in range(MAX_STEPS):
-            await self.settle()
-            due = self.next_timer()
-            if due is None or due > target:
-                break
-            self.jump_to(due)
-            await asyncio.sleep(0)  # the loop runs the timers now due
-        else:
-            raise RuntimeError(
-                f"advance ran {MAX_STEPS} timers without reaching its end: "
-                "is a timer rescheduling itself at once?"
-            )
-        self.jump_to(target)
-        await self.finish()
+        seconds = seconds_of(delta, seconds=seconds, minutes=minutes, hours=hours, days=days)
+        if self._still is not None:
+            raise RuntimeError("advance is already running: one at a time")
+        self._still = target = self.time()
+        target += seconds
+        try:
+            for _ in range(MAX_STEPS):
+                await self.settle()
+                due = self.next_timer()
+                if due is None or due > target:
+                    break
+                self.jump_to(due)
+                await asyncio.sleep(0)  # the loop runs the timers now due
+            else:
+                raise RuntimeError(
+                    f"advance ran {MAX_STEPS} timers without reaching its end: "
+                    "is a timer rescheduling itself at once?"
+                )
+            self.jump_to(target)
+            await self.finish()
+        finally:
+            # Real time runs on from where the clock stands.
+            self._offset = self._still - self._real_time()
+            self._still = None

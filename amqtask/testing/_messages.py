@@ -144,6 +144,11 @@ class MemoryDelivery:
         self.settled = False
         self.void = False  # its consumer's channel "closed": settling it fails
 
+    @property
+    def owner(self) -> object:
+        """Who consumes it: the transport (connection) its consumer belongs to."""
+        return self._consumer.owner
+
     async def ack(self) -> None:
         self._broker.settle(self, "ack")
 
