@@ -75,6 +75,29 @@ async def test_a_failing_task_waits_its_delay_retries_with_backoff_and_dead_lett
     assert out == Resized(path="b.png", size=64)
 
 
+async def test_a_batch_of_failing_tasks_is_retried_on_time_however_long_the_work_takes() -> None:
+    # Between two timers the clock stands still: 200 tasks taking real time to fail must not
+    # push their own next attempts back.
+    job = amqtask.contract("jobs.run", Resize, retry=amqtask.Retry(attempts=5))
+    app = make_app(job)
+    runs: dict[int, int] = {}
+
+    @app.handler(job)
+    async def run(task: Resize) -> None:
+        runs[task.width] = runs.get(task.width, 0) + 1
+        raise OSError("again")
+
+    async with TestApp(app) as t:
+        for width in range(200):
+            await app.send(job, Resize(path="a.png", width=width))
+        await t.drain()
+        await t.advance(seconds=15)  # attempts after 1, 2, 4 and 8 s: 15 s in all
+        letters = t.dead_letters(job)
+
+    assert set(runs.values()) == {5}
+    assert len(letters) == 200
+
+
 async def test_the_app_gets_its_own_transport_back_after_the_test() -> None:
     resize = amqtask.contract("images.resize", Resize)
     app = make_app(resize)

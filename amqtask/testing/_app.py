@@ -288,9 +288,12 @@ class TestApp:
         days: float = 0.0,
     ) -> None:
         """Move the virtual clock forward and run, in time order, everything that falls due:
-        delayed sends, retries, TTL expiries, call timeouts, handlers' sleeps. Then `drain`.
+        delayed sends, retries, TTL expiries, call timeouts, handlers' sleeps. While it runs the
+        clock stands still between its jumps, so what runs in between takes no time.
 
-        A 30-minute delay followed by five retries takes milliseconds.
+        It returns once nothing more can run without the clock moving on: a handler whose own
+        wait ends after the target is still waiting (`drain` waits for it in real time). A
+        30-minute delay followed by five retries takes milliseconds.
         """
         await self.clock.advance(
             seconds_of(delta, seconds=seconds, minutes=minutes, hours=hours, days=days)

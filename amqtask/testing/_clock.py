@@ -52,7 +52,8 @@ class VirtualClock:
     """Time on one event loop as amqtask sees it under `TestApp`.
 
     `time()` is the loop's clock (monotonic), `now()` and `utcnow()` the wall clock; both run
-    with real time plus every jump made by `advance`. Use `utcnow()` to compute an `eta=`.
+    with real time, stand still during `advance` and move by its jumps. Use `utcnow()` to
+    compute an `eta=`.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
