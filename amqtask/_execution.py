@@ -133,35 +133,52 @@ class ThreadExecutor:
     async def run(self, func: Any, payload: Any) -> Any:
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
-        alarm = None if self.soft_time_limit is None else _ThreadAlarm()
-        timer = None if alarm is None else loop.call_later(self.soft_time_limit or 0, alarm.ring)
+        soft = self.soft_time_limit
+        alarm = None if soft is None else _ThreadAlarm(loop, soft)
         try:
             returned, value = await loop.run_in_executor(
                 self._pool, context.run, _caught, func, payload, alarm
             )
         finally:
-            if timer is not None:
-                timer.cancel()
+            if alarm is not None:
+                alarm.cancel()
         if not returned:
             raise value  # here, on the loop, as if the handler had raised it in this frame
         return await _awaited(value)
 
 
 class _ThreadAlarm:
-    """Raises `SoftTimeLimitExceeded` in the thread running one handler, only while it runs.
+    """Raises `SoftTimeLimitExceeded` in the thread running one handler, `seconds` after it
+    started (not after it was queued for a thread), and only while it runs.
 
     CPython delivers an exception set with `PyThreadState_SetAsyncExc` at the thread's next
     Python instruction. The lock makes sure it is never set after the handler returned (where it
     would hit the thread pool's own code), and `_caught` catches one set just before.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        self._loop = loop
+        self._seconds = seconds
         self._lock = threading.Lock()
         self._thread: int | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._cancelled = False
 
     def arm(self) -> None:
+        """In the thread, as the handler starts: the countdown begins on the loop."""
         with self._lock:
             self._thread = threading.get_ident()
+        self._loop.call_soon_threadsafe(self._start)
+
+    def _start(self) -> None:
+        if not self._cancelled:
+            self._timer = self._loop.call_later(self._seconds, self.ring)
+
+    def cancel(self) -> None:
+        """On the loop, once the handler's run is over."""
+        self._cancelled = True
+        if self._timer is not None:
+            self._timer.cancel()
 
     def disarm(self) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -188,3 +189,15 @@ def test_a_worker_refuses_a_hard_time_limit_for_a_plain_handler_in_a_thread() ->
     app.handler(job)(pool_handlers.echo)
     with pytest.raises(amqtask.AmqtaskError, match="a thread cannot be stopped"):
         amqtask.Worker(app)
+
+
+async def test_a_soft_time_limit_in_a_thread_counts_from_the_start_of_the_handler() -> None:
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        busy = asyncio.ensure_future(execute(ThreadExecutor(pool), time.sleep, 0.3))
+        # Queued behind `busy` for 0.3 s, longer than its soft limit, before a thread is free.
+        late = execute(ThreadExecutor(pool, soft_time_limit=0.2), pool_handlers.polls, None)
+        assert await asyncio.wait_for(late, 10) == Succeeded("soft limit seen")
+        await busy
+    finally:
+        pool.shutdown()
