@@ -28,6 +28,7 @@ from amqtask import (
     _dead_letters,
     _evolution,
     _logging,
+    _metrics,
     _startup,
     _status,
     _supervisor,
@@ -204,6 +205,13 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
     help="Serve Prometheus /metrics and /health on this port (process i of --processes: +i).",
 )
 @click.option(
+    "--metrics-host",
+    default=_metrics.DEFAULT_HOST,
+    show_default=True,
+    help="Address the metrics server binds: 0.0.0.0 is every IPv4 interface, 127.0.0.1 this "
+    "machine only, :: every interface over IPv6.",
+)
+@click.option(
     "--processes",
     "-p",
     default=1,
@@ -270,6 +278,7 @@ def worker(
     shutdown_timeout: float,
     json_logs: bool | None,
     metrics_port: int | None,
+    metrics_host: str,
     processes: int,
     log_level: str,
     start_timeout: float,
@@ -341,9 +350,11 @@ def worker(
             metrics = WorkerMetrics(app)
             port = metrics_port + _supervisor.slot()
             try:
-                server = MetricsServer(metrics, port)
+                server = MetricsServer(metrics, port, host=metrics_host)
             except OSError as exc:
-                raise AmqtaskError(f"cannot serve metrics on port {port}: {exc}") from exc
+                raise AmqtaskError(
+                    f"cannot serve metrics on {metrics_host} port {port}: {exc}"
+                ) from exc
             server.start()
 
         async def start() -> Worker:

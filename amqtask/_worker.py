@@ -311,9 +311,7 @@ class Worker:
             self._running.add(task)
             metrics = self.metrics
             if metrics is not None:
-                metrics.received.labels(
-                    _codec.header_text((delivery.headers or {}).get(_codec.TASK)) or "unknown"
-                ).inc()
+                metrics.received.labels(*_task_labels(delivery)).inc()
                 metrics.in_flight.inc()
             try:
                 await self._process(queue, delivery)
@@ -354,7 +352,9 @@ class Worker:
         seconds = time.perf_counter() - started
         task = envelope.task
         if self.metrics is not None:
-            self.metrics.outcome(outcome, task, seconds, settled.details.get("reason"))
+            _, version = _task_labels(envelope.delivery)
+            reason = settled.details.get("reason")
+            self.metrics.outcome(outcome, task, version, seconds, reason)
         level = log.info if outcome in ("succeeded", "retried") else log.warning
         level(
             "call_expired" if outcome == "expired" else f"task_{outcome}",
@@ -364,6 +364,13 @@ class Worker:
             outcome=outcome,
             **settled.details,
         )
+
+
+def _task_labels(delivery: _codec.Delivery) -> tuple[str, str]:
+    """The task and version a delivery names, for metric labels (a missing version means 1)."""
+    headers = delivery.headers or {}
+    task = _codec.header_text(headers.get(_codec.TASK)) or "unknown"
+    return task, _codec.header_text(headers.get(_codec.VERSION, 1)) or "unknown"
 
 
 def _trace_fields(envelope: _codec.Envelope) -> dict[str, Any]:

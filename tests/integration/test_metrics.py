@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 import amqtask
-from amqtask._metrics import MetricsServer, WorkerMetrics
+from amqtask._metrics import HANDLER_REASONS, MetricsServer, WorkerMetrics
 from amqtask._transport import AioPikaTransport
 
 from .conftest import AppFactory, app_env, records, start_worker, wait_for
@@ -64,7 +64,7 @@ async def test_metrics_move_as_tasks_run_and_health_follows_the_connection(
     server.start()
     worker = amqtask.Worker(app, amqtask.WorkerSettings(concurrency=4), metrics=metrics)
     await worker.start()
-    task = f'{{task="{job.name}"}}'
+    task = f'{{task="{job.name}",version="1"}}'
     try:
         async with make_app([job]) as producer:
             for n in (0, 1, 2, 9):
@@ -81,7 +81,8 @@ async def test_metrics_move_as_tasks_run_and_health_follows_the_connection(
         assert sample(text, "amqtask_broker_connected") == 1
         release.set()
         # n=9 fails, is retried once (1 s later), fails again and is dead-lettered.
-        dead = f'amqtask_tasks_dead_lettered_total{{reason="handler_error",task="{job.name}"}}'
+        labels = f'reason="handler_error",task="{job.name}",version="1"'
+        dead = f"amqtask_tasks_dead_lettered_total{{{labels}}}"
         await wait_for(lambda: sample_of(scrape, dead, 1), timeout=15)
         text = await scrape()
         assert sample(text, f"amqtask_tasks_received_total{task}") == 5
@@ -130,7 +131,7 @@ async def test_the_worker_command_serves_metrics_on_the_port_given(
         async with producer:
             await producer.send(job, Job(n=1))
         await wait_for(lambda: sum(records(record)[1].values()) == 1)
-        name = f'amqtask_tasks_succeeded_total{{task="{job.name}"}}'
+        name = f'amqtask_tasks_succeeded_total{{task="{job.name}",version="1"}}'
 
         async def scraped() -> bool:
             status, text = await asyncio.to_thread(fetch, port, "/metrics")
@@ -196,10 +197,11 @@ async def test_task_names_a_publisher_invents_do_not_grow_the_scrape(
         await wait_for(all_counted, timeout=30)
         text = (await asyncio.to_thread(fetch, port, "/metrics"))[1]
         assert label_values(text, "task") == {job.name, "unknown"}
-        assert label_values(text, "reason") == {"unknown_task"}
-        dead = 'amqtask_tasks_dead_lettered_total{reason="unknown_task",task="unknown"}'
+        assert label_values(text, "reason") == {"unknown_task", *HANDLER_REASONS}
+        # No version header: version 1, as the worker reads it.
+        dead = 'amqtask_tasks_dead_lettered_total{reason="unknown_task",task="unknown",version="1"}'
         assert sample(text, dead) == 200
-        assert sample(text, f'amqtask_tasks_received_total{{task="{job.name}"}}') == 1
+        assert sample(text, f'amqtask_tasks_received_total{{task="{job.name}",version="1"}}') == 1
         assert len(text) < 20_000  # a label value per invented name made it about 100 KB
     finally:
         worker.send_signal(signal.SIGTERM)
