@@ -25,7 +25,12 @@ from amqtask._exceptions import (
     QueueFull,
     Reject,
     RemoteError,
+    ResultTimeout,
     SoftTimeLimitExceeded,
+    StoreError,
+    StoreMissing,
+    StoreUnavailable,
+    TaskRevoked,
     TimeLimitExceeded,
     TopologyConflict,
     TopologyError,
@@ -81,4 +86,10 @@ __all__ = [
     "ConnectionLost",
     "InvalidReply",
     "RemoteError",
+    # Errors of the task store (`App(store=...)`; its types are in `amqtask.store`)
+    "ResultTimeout",
+    "StoreError",
+    "StoreMissing",
+    "StoreUnavailable",
+    "TaskRevoked",
 ]

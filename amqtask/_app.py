@@ -7,17 +7,21 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 from pydantic import BaseModel
 
 from amqtask import _codec, _tracing, _wallclock, topology
 from amqtask._contract import Contract, In, Isolation, Out, Overflow
-from amqtask._exceptions import ContractError, PublishNacked, QueueFull
+from amqtask._exceptions import ContractError, PublishNacked, QueueFull, StoreError
 from amqtask._execution import is_async
 from amqtask._transport import DEFAULT_CONNECT_TIMEOUT, AioPikaTransport, Transport
 from amqtask.routing import DEFAULT_NAMESPACE, Names, delay_routing_key, delay_seconds
 from amqtask.rpc import Caller
+
+if TYPE_CHECKING:
+    from amqtask.store import Store, TaskInfo
+    from amqtask.store._client import TaskClient
 
 HandlerFunc = Callable[[Any], Awaitable[Any]] | Callable[[Any], Any]
 F = TypeVar("F", bound=HandlerFunc)
@@ -64,10 +68,14 @@ class App:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         name: str = "amqtask",
         transport: Transport | None = None,
+        store: str | Store | None = None,
     ) -> None:
         """`publish_timeout` bounds how long `send` waits for a confirm (None: no bound);
         `call_timeout` is how long `call` waits for a reply unless told otherwise;
         `connect_timeout` bounds each connect (TCP, TLS and the AMQP handshake) and reconnect.
+        `store` (a URL, `sqlite:///tasks.db` or `postgresql://...`, or an `amqtask.store.Store`)
+        keeps task state, results and revocations (the README's "Task store"); without it
+        nothing of the store is imported.
 
         Raises `ContractError` when two contracts share a name and version, or a queue with
         different settings, and `ValueError` for a `connect_timeout` that is not positive.
@@ -84,12 +92,23 @@ class App:
             if contract.key in self._contracts and self._contracts[contract.key] != contract:
                 raise ContractError(f"task {contract.name!r} v{contract.version} is defined twice")
             self._contracts[contract.key] = contract
-        self.topology = topology.derive(self._contracts.values(), self.names)
+        self.topology = topology.derive(
+            self._contracts.values(),
+            self.names,
+            revocations=store is not None,
+        )
         self.handlers: dict[tuple[str, int], Handler] = {}
         self.transport: Transport = transport or AioPikaTransport(
             url, name=name, connect_timeout=connect_timeout
         )
         self._caller = Caller(self.transport, self.names.task_exchange)
+        self._tasks: TaskClient | None = None
+        if store is not None:
+            from amqtask.store import open_store
+            from amqtask.store._client import TaskClient
+
+            opened = open_store(store) if isinstance(store, str) else store
+            self._tasks = TaskClient(opened, self._contracts, self.names, self.transport)
 
     @property
     def contracts(self) -> tuple[Contract[Any, Any], ...]:
@@ -189,9 +208,13 @@ class App:
         )
         await self.transport.ensure_exists(needed, (queue.name for queue in needed.queues))
         await self.transport.connect()
+        if self._tasks is not None:
+            await self._tasks.connect()
 
     async def close(self) -> None:
         await self._caller.close()
+        if self._tasks is not None:
+            await self._tasks.close()  # first: what is recorded is written before the end
         await self.transport.close()
 
     async def __aenter__(self) -> Self:
@@ -283,6 +306,8 @@ class App:
                     task=contract.name,
                     timeout=timeout,
                 )
+                if self._tasks is not None:  # after the confirm: the task exists
+                    self._tasks.sent(contract, message.message_id, exchange, routing)
                 return message.message_id
             except PublishNacked:
                 if contract.max_length is None or contract.overflow is not Overflow.REJECT_PUBLISH:
@@ -326,6 +351,67 @@ class App:
         )
         return cast(Out, result)
 
+    # --- the task store ---------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store | None:
+        """The task store given as `store=`, or None."""
+        return None if self._tasks is None else self._tasks.store
+
+    def _store(self) -> TaskClient:
+        if self._tasks is None:
+            raise StoreError(
+                "this app has no task store: pass App(store='sqlite:///tasks.db') or "
+                "App(store='postgresql://...')"
+            )
+        return self._tasks
+
+    async def task(self, task_id: str) -> TaskInfo | None:
+        """What the store knows of task `task_id` (the id `send` returned): state, attempts,
+        timings, worker, error, result (typed by the contract); None when it knows nothing.
+
+        Raises `StoreError` without a store, `StoreUnavailable`, `StoreMissing`.
+        """
+        return await self._store().task(task_id)
+
+    async def result(
+        self, contract: Contract[Any, Out], task_id: str, *, timeout: float = 60.0
+    ) -> Out:
+        """Wait for task `task_id` of `contract` to finish and return its result, typed.
+
+        Waits on the store (PostgreSQL: LISTEN/NOTIFY; SQLite: a check every 2 ms), not on the
+        caller's connection: any process may ask, while or long after the task ran (for the
+        contract's `keep_result`). Raises `RemoteError` for a failed task (dead-lettered: its
+        reason, error type, message and traceback), `TaskRevoked`, `ResultTimeout`, and the
+        store's errors (`StoreError` without one).
+        """
+        self._own(contract)
+        return cast(Out, await self._store().result(contract, task_id, timeout))
+
+    async def revoke(self, task_id: str, *, terminate: bool = False) -> None:
+        """Revoke task `task_id`: it will not run. With `terminate`, also stop it if it runs now.
+
+        Durable: stored first (a worker acks a revoked task without running it, also after a
+        restart, and also a delayed or retried copy), then broadcast to running workers. An
+        `async def` handler is cancelled at its current await, a process-pool child is killed;
+        a plain `def` in a thread cannot be stopped and runs to its end. Raises `StoreError`
+        without a store, `StoreUnavailable` (nothing was revoked) and `StoreMissing`.
+        """
+        await self._store().revoke(task_id, terminate=terminate)
+
+    async def tasks(
+        self,
+        *,
+        state: str | None = None,
+        task: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[TaskInfo]:
+        """Tasks in the store, most recently changed first, optionally of one `state`, one task
+        name, changed `since` an aware datetime."""
+        stamp = None if since is None else since.timestamp()
+        return await self._store().tasks(state=state, task=task, since=stamp, limit=limit)
+
     # --- topology ---------------------------------------------------------------------------
 
     async def plan(self) -> topology.Plan:
@@ -336,7 +422,17 @@ class App:
         """Create what is missing; return the plan as it stood before.
 
         Raises `TopologyConflict` (changing nothing) where the broker holds something different.
+        With a task store, also creates or migrates its tables (`migrate_store`).
         """
         plan = await self.plan()
         await self.transport.apply(plan)
+        if self._tasks is not None:
+            await self.migrate_store()
         return plan
+
+    async def migrate_store(self) -> list[int]:
+        """Create or migrate the task store's tables; return the schema versions applied now
+        (empty when up to date). Raises `StoreError` without a store, `StoreUnavailable`."""
+        store = self._store().store
+        await store.open()
+        return await store.migrate()

@@ -65,6 +65,7 @@ class Reasons:
     TIME_LIMIT = "time_limit"  # the handler ran past its time limit (the last attempt)
     CRASHED = "crashed"  # the process running the handler died (the last attempt)
     EXPIRED = "expired"  # a call whose caller stopped waiting before it could start (acked)
+    REVOKED = "revoked"  # `App.revoke`: acked without running, or stopped (answered to a call)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
 from typing import Any, Generic, TypeVar, overload
 
@@ -17,6 +18,8 @@ from pydantic import BaseModel
 
 from amqtask._exceptions import ContractError
 from amqtask.routing import MAX_DELAY_SECONDS, default_queue_name, routing_key
+
+DEFAULT_KEEP_RESULT = 86_400.0  # seconds a finished task's record is kept in a task store: a day
 
 In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out")
@@ -127,6 +130,10 @@ class Contract(Generic[In, Out]):
     isolation: Isolation | None = None  # None: the worker's --pool decides
     python: str | None = None  # another interpreter for the process (isolation "process")
     launcher: tuple[str, ...] = ()  # a command prefix for the process (bwrap, a container)
+    # With a task store (`App(store=...)`): claim each task id before running it, and how long
+    # a finished task's record and result are kept (seconds).
+    deduplicate: bool = False
+    keep_result: float = DEFAULT_KEEP_RESULT
 
     @property
     def routing_key(self) -> str:
@@ -160,6 +167,8 @@ def contract(
     isolation: Isolation | str | None = None,
     python: str | None = None,
     launcher: Sequence[str] = (),
+    deduplicate: bool = False,
+    keep_result: float | timedelta = DEFAULT_KEEP_RESULT,
 ) -> Contract[In, None]: ...
 
 
@@ -181,6 +190,8 @@ def contract(
     isolation: Isolation | str | None = None,
     python: str | None = None,
     launcher: Sequence[str] = (),
+    deduplicate: bool = False,
+    keep_result: float | timedelta = DEFAULT_KEEP_RESULT,
 ) -> Contract[In, Out]: ...
 
 
@@ -201,6 +212,8 @@ def contract(
     isolation: Isolation | str | None = None,
     python: str | None = None,
     launcher: Sequence[str] = (),
+    deduplicate: bool = False,
+    keep_result: float | timedelta = DEFAULT_KEEP_RESULT,
 ) -> Contract[In, Any]:
     """Declare a task.
 
@@ -217,6 +230,11 @@ def contract(
     in the worker's process pool, `"none"` in the worker process whatever its `--pool`; with
     `python` (a path to another interpreter, e.g. another virtualenv's `bin/python`) and
     `launcher` (a command prefix such as `["bwrap", ...]`) that process runs there.
+
+    With a task store (`App(store=...)`, the README's "Task store"): `deduplicate=True` makes
+    the worker claim each task id before running it, so a redelivered or duplicated message is
+    not run twice; `keep_result` (seconds or a timedelta, default a day) is how long a finished
+    task's record and result are kept.
 
     Raises `ContractError` for an invalid name, version, model, limit or isolation.
     """
@@ -263,6 +281,17 @@ def contract(
             f"task {name!r}: python= and launcher= run the handler in a process of its own; "
             "add isolation='process'"
         )
+    if isinstance(keep_result, timedelta):
+        keep_result = keep_result.total_seconds()
+    if (
+        isinstance(keep_result, bool)
+        or not isinstance(keep_result, int | float)
+        or not math.isfinite(keep_result)
+        or keep_result <= 0
+    ):
+        raise ContractError(
+            f"task {name!r}: keep_result must be a positive number of seconds, got {keep_result!r}"
+        )
     return Contract(
         name=name,
         input=input,
@@ -279,6 +308,8 @@ def contract(
         isolation=isolation,
         python=python,
         launcher=launcher,
+        deduplicate=bool(deduplicate),
+        keep_result=float(keep_result),
     )
 
 

@@ -26,7 +26,12 @@ The hierarchy:
     │   ├── RemoteError         the handler raised, or the worker refused the request
     │   │   └── InvalidReply    the result does not fit the contract's output model
     │   ├── CallTimeout         no reply within the timeout (the request expires unprocessed)
-    │   └── ConnectionLost      the connection dropped while the call was in flight
+    │   ├── ConnectionLost      the connection dropped while the call was in flight
+    │   ├── TaskRevoked         `App.result`: the task was revoked
+    │   └── ResultTimeout       `App.result`: the task did not finish within the timeout
+    ├── StoreError              the task store cannot do what was asked
+    │   ├── StoreUnavailable    the store cannot be reached (down, refused, timed out)
+    │   └── StoreMissing        the store's tables are absent or of another version
     └── NotConnected            the app is used outside `async with app`
 
     Reject                      not an error: a handler raises it to dead-letter its task now
@@ -379,3 +384,32 @@ class ConnectionLost(CallError):
     Replies travel over that channel, so every call in flight on it fails at once; the request
     may or may not have been processed. Later calls use the restored connection.
     """
+
+
+class TaskRevoked(CallError):
+    """`App.result`: the task was revoked, so it has no result (`correlation_id` is its id)."""
+
+
+class ResultTimeout(CallError):
+    """`App.result`: the task did not finish within the timeout. It may still run and finish
+    later; ask again, or look with `App.task`."""
+
+
+# --- the task store ---------------------------------------------------------------------------
+
+
+class StoreError(AmqtaskError):
+    """The task store cannot do what was asked (or the app has none: `App(store=...)`)."""
+
+
+class StoreUnavailable(StoreError):
+    """The task store cannot be reached: down, refusing connections, or not answering in time.
+
+    The URL in the message has no password. Workers keep running through an outage (see the
+    README's "Task store"); this is raised to a caller who asked the store directly.
+    """
+
+
+class StoreMissing(StoreError):
+    """The store's tables do not exist, or were made by another version of amqtask: run
+    `amqtask declare APP`, which creates and migrates them."""

@@ -77,7 +77,31 @@ class Expired:
     """A call whose caller stopped waiting before it could start: nobody would read it."""
 
 
-Outcome = Succeeded | Failed | Rejected | Refused | Expired
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """The task was revoked (`App.revoke`): acked without running, or, `terminated`, cancelled
+    while it ran (its process-pool child killed)."""
+
+    terminated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A `deduplicate` task that already succeeded (or committed its effects) elsewhere: this
+    copy is acked without running."""
+
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Postponed:
+    """Not run now: another run of the same `deduplicate` task held its claim for too long.
+    Released to the queue, to come back later."""
+
+    why: str
+
+
+Outcome = Succeeded | Failed | Rejected | Refused | Expired | Revoked | Skipped | Postponed
 
 
 class Executor(Protocol):

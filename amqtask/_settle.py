@@ -30,7 +30,17 @@ from pydantic import ValidationError
 from amqtask import _codec
 from amqtask._codec import Envelope, Outgoing, Reasons
 from amqtask._exceptions import PublishNacked, Unroutable
-from amqtask._execution import Expired, Failed, Outcome, Refused, Rejected, Succeeded
+from amqtask._execution import (
+    Expired,
+    Failed,
+    Outcome,
+    Postponed,
+    Refused,
+    Rejected,
+    Revoked,
+    Skipped,
+    Succeeded,
+)
 from amqtask._transport import IncomingDelivery, Transport
 from amqtask.routing import Names, delay_routing_key, delay_seconds
 
@@ -122,6 +132,20 @@ class Settler:
             case Expired():
                 await self._ack(envelope)
                 return Settled("expired", {"correlation_id": envelope.delivery.correlation_id})
+            case Revoked(terminated):
+                if envelope.is_call:
+                    why = "revoked while running" if terminated else "revoked before it ran"
+                    await self._reply(
+                        envelope,
+                        _codec.error_reply(envelope.delivery, reason=Reasons.REVOKED, error=why),
+                    )
+                await self._ack(envelope)
+                return Settled("revoked", {"attempt": envelope.attempt, "terminated": terminated})
+            case Skipped(why):
+                await self._ack(envelope)
+                return Settled("skipped", {"attempt": envelope.attempt, "why": why})
+            case Postponed(why):
+                return await self._release(envelope, why)
             case _:
                 assert_never(outcome)
 

@@ -590,6 +590,28 @@ class AioPikaTransport:
         """A channel for calls; it opens (on this transport's connection) at the first request."""
         return _AioPikaReplyChannel(self, on_reply, on_lost)
 
+    async def subscribe_fanout(
+        self, exchange: str, queue: str, on_message: Callable[[bytes], None]
+    ) -> Subscription:
+        """Receive what is published to fanout `exchange` from now on, on `queue`: exclusive to
+        this connection, auto-delete, not durable (RabbitMQ 4 accepts transient queues only
+        when exclusive), declared again and bound by the robust channel after a reconnect.
+
+        No acks, no redelivery: what arrives while the connection is down is lost, so what such
+        messages carry must also be found elsewhere (the task store, for revocations).
+        """
+        channel = await self.connection.channel(publisher_confirms=False)
+        declared = await channel.declare_queue(
+            queue, durable=False, exclusive=True, auto_delete=True
+        )
+        await declared.bind(exchange)
+
+        async def deliver(message: AbstractIncomingMessage) -> None:
+            on_message(message.body)
+
+        tag = await declared.consume(deliver, no_ack=True)
+        return _AioPikaSubscription(declared, tag)
+
     async def _plain_connection(self) -> AbstractConnection:
         # Topology probes close channels on purpose (404/406); a plain connection keeps that away
         # from the robust channels' restore logic.

@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -47,6 +47,9 @@ from amqtask._pool import ChildPool, Environment, ProcessExecutor, Recycling, im
 from amqtask._settle import Settled, Settler
 from amqtask._transport import IncomingDelivery, Subscription
 from amqtask.routing import due_queue_name
+
+if TYPE_CHECKING:
+    from amqtask.store._tracker import Tracker
 
 log = structlog.get_logger("amqtask.worker")
 
@@ -145,6 +148,7 @@ class Worker:
         self.metrics = metrics
         self._watch: asyncio.Task[None] | None = None
         self.abandoned = 0  # handlers still running when shutdown gave up on them
+        self._tracker: Tracker | None = None  # with a task store (`amqtask.store._tracker`)
 
     @property
     def queues(self) -> tuple[str, ...]:
@@ -169,6 +173,8 @@ class Worker:
         prefetch = self.settings.effective_prefetch
         try:
             await self.app.connect(queues=self.queues)
+            if self.app.store is not None:
+                self._tracker = await self._start_tracker()
             for pool in self._pools.values():
                 await pool.start()
             for source, queue in self._work_queue_of.items():
@@ -179,6 +185,8 @@ class Worker:
         except BaseException:
             self._executor.shutdown(wait=False)
             await self._close_pools()
+            if self._tracker is not None:
+                await self._tracker.stop()
             await self.app.close()
             raise
         if self.metrics is not None:
@@ -193,6 +201,17 @@ class Worker:
             pool=self.settings.pool,
             children=sum(pool.size for pool in self._pools.values()),
         )
+
+    async def _start_tracker(self) -> Tracker:
+        """The store step (`amqtask.store._tracker`); waits for no store: raises
+        `StoreUnavailable` (retried like a broker that is down) so no revoked task runs."""
+        from amqtask.store._tracker import Tracker
+
+        tasks = self.app._tasks
+        assert tasks is not None
+        tracker = Tracker(tasks.store, tasks.recorder, self.app.names, self.app.transport)
+        await tracker.start()
+        return tracker
 
     def _executor_for(self, handler: Handler, metrics: WorkerMetrics | None) -> Executor:
         """Where a contract's handler runs, with which limits (see the WorkerSettings doc).
@@ -280,7 +299,9 @@ class Worker:
             task.cancel()  # deliveries that never started: they stay unacked
         self._executor.shutdown(wait=False, cancel_futures=True)
         await self._close_pools()  # after the handlers: no child is busy any more
-        await self.app.close()
+        if self._tracker is not None:
+            await self._tracker.stop()
+        await self.app.close()  # writes the store records still queued
         log.info("worker_stopped", **dict(self.counts))
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -333,6 +354,8 @@ class Worker:
                 outcome = await self._run(envelope)
                 settled = await self._settler.settle(envelope, outcome)
                 _tracing.settled(span, settled.outcome, settled.details, **_trace_error(outcome))
+        if self._tracker is not None:
+            self._tracker.settled(envelope, outcome, settled)  # recorded, batched
         self._outcome(settled, envelope, started)
 
     async def _run(self, envelope: _codec.Envelope) -> Outcome:
@@ -344,7 +367,14 @@ class Worker:
         assert envelope.contract is not None
         handler = self.app.handlers[envelope.contract.key]
         executor = self._executors[envelope.contract.key]
-        return await execute(executor, handler.func, envelope.payload)
+        if self._tracker is None:
+            return await execute(executor, handler.func, envelope.payload)
+        # The store's step: revoked, claimed elsewhere or already done, or run (revocable).
+        return await self._tracker.run(
+            envelope,
+            lambda: execute(executor, handler.func, envelope.payload),
+            terminable=not isinstance(executor, ThreadExecutor),
+        )
 
     def _outcome(self, settled: Settled, envelope: _codec.Envelope, started: float) -> None:
         outcome = settled.outcome
@@ -355,7 +385,9 @@ class Worker:
             _, version = _task_labels(envelope.delivery)
             reason = settled.details.get("reason")
             self.metrics.outcome(outcome, task, version, seconds, reason)
-        level = log.info if outcome in ("succeeded", "retried") else log.warning
+        level = (
+            log.info if outcome in ("succeeded", "retried", "revoked", "skipped") else log.warning
+        )
         level(
             "call_expired" if outcome == "expired" else f"task_{outcome}",
             task=task,

@@ -12,6 +12,8 @@ The convention (also in the README):
     {namespace}.delay.{k}    topic exchange and quorum queue of delay level k (TTL 2**k s),
                              k = 0..19; see `amqtask.routing._delay`
     {namespace}.delay.deliver  topic exchange that hands delayed messages to their due queue
+    {namespace}.revoke       fanout exchange of revocations (apps with a task store); each
+                             worker binds an exclusive, auto-delete queue of its own to it
 
 `namespace` defaults to "amqtask"; apps that share a broker but must not share exchanges (tests,
 tenants) pick their own.
@@ -72,6 +74,11 @@ class Names:
     @property
     def delay_deliver_exchange(self) -> str:
         return f"{self.namespace}.delay.deliver"
+
+    @property
+    def revoke_exchange(self) -> str:
+        """Fanout exchange that carries `App.revoke` to every running worker."""
+        return f"{self.namespace}.revoke"
 
     def after_level(self, level: int) -> str:
         """The exchange a message goes to once level `level` is done with it."""

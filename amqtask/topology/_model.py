@@ -214,8 +214,16 @@ def delay_levels(names: Names) -> tuple[list[Exchange], list[Queue], list[Bindin
     return exchanges, queues, bindings
 
 
-def derive(contracts: Iterable[Contract[Any, Any]], names: Names | None = None) -> Topology:
+def derive(
+    contracts: Iterable[Contract[Any, Any]],
+    names: Names | None = None,
+    *,
+    revocations: bool = False,
+) -> Topology:
     """Compute every exchange, queue and binding the contracts need.
+
+    With `revocations` (an app with a task store), also the namespace's fanout exchange that
+    carries revocations to running workers; each worker binds a queue of its own to it.
 
     Raises `ContractError` when two contracts share a queue but disagree on its arguments, or
     when a contract's queue (or a queue derived from it) takes a name amqtask derives for
@@ -228,6 +236,7 @@ def derive(contracts: Iterable[Contract[Any, Any]], names: Names | None = None) 
         Exchange(names.task_exchange, "direct"),
         Exchange(names.dead_letter_exchange, "direct"),
         *delay_exchanges,
+        *((Exchange(names.revoke_exchange, "fanout"),) if revocations else ()),
     )
     reserved = _reserved_names(contracts, names)
     queues: dict[str, tuple[Queue, Contract[Any, Any]]] = {}
