@@ -214,6 +214,8 @@ async def replay(
                         message.body,
                         headers=headers,
                         content_type=message.content_type,
+                        content_encoding=message.content_encoding,
+                        type=message.type,
                         message_id=message.message_id,
                         correlation_id=message.correlation_id,
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,

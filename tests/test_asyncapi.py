@@ -18,6 +18,8 @@ import orjson
 from pydantic import BaseModel
 
 import amqtask
+import amqtask._codec
+import amqtask.routing
 from amqtask._asyncapi import document, vhost_of
 
 KEY = re.compile(r"^[\w\d.\-_]+$")  # the spec's pattern for component, channel, operation keys
@@ -99,9 +101,12 @@ def test_the_document_has_the_structure_asyncapi_3_requires() -> None:
             for message in operation["reply"]["messages"]:
                 assert message["$ref"].startswith(reply_channel + "/messages/")
         assert channel
-    for message in doc["components"]["messages"].values():
+    for key, message in doc["components"]["messages"].items():
         assert message["payload"]
-        assert message["contentType"] == "application/json"
+        error_reply = key.endswith(".error")  # an empty body, no content type
+        assert message["contentType"] == (
+            "application/octet-stream" if error_reply else "application/json"
+        )
         if "headers" in message:
             assert message["headers"]["type"] == "object"
     for ref in refs(doc):
@@ -155,10 +160,12 @@ def test_send_and_receive_operations_with_replies_for_results() -> None:
     assert receive["channel"] == {"$ref": "#/channels/queue.images"}
     assert "reply" not in receive  # no result
     assert doc["channels"]["replies"]["address"] is None
+    tasks = ("images.resize.v1", "images.resize.v2", "users_notify.v1", "stats.count.v1")
     assert set(operations) == {
-        f"{action}.{task}"
-        for action in ("send", "receive")
-        for task in ("images.resize.v1", "images.resize.v2", "users_notify.v1", "stats.count.v1")
+        *(f"{action}.{task}" for action in ("send", "receive", "retry") for task in tasks),
+        *(f"send.{task}.delayed" for task in tasks),
+        *(f"receive.{task}.due" for task in tasks),
+        *(f"receive.dead.{queue}" for queue in ("images", "images.resize.v2", "stats.count")),
     }
 
 
@@ -201,3 +208,80 @@ def test_vhost_of_an_amqp_url() -> None:
     assert vhost_of("amqp://127.0.0.1") == "/"
     assert vhost_of("amqp://h/%2F") == "/"
     assert vhost_of("amqp://h/shop") == "shop"
+
+
+def test_every_header_a_task_message_may_carry_is_described_and_only_the_task_is_required() -> None:
+    messages = document(APP)["components"]["messages"]
+
+    v1 = messages["images.resize.v1"]["headers"]
+    assert set(v1["properties"]) == {
+        "amqtask-task",
+        "amqtask-version",
+        "amqtask-deadline",
+        "amqtask-attempt",
+        "amqtask-first-failed-at",
+        "amqtask-failed-at",
+        "amqtask-error",
+        "amqtask-error-type",
+        "amqtask-traceback",
+        "traceparent",
+        "tracestate",
+    }
+    assert v1["required"] == ["amqtask-task"]  # a missing version means 1
+    assert v1["properties"]["amqtask-version"]["default"] == 1
+    # Version 2 must say so: without the header a worker reads version 1.
+    assert messages["images.resize.v2"]["headers"]["required"] == [
+        "amqtask-task",
+        "amqtask-version",
+    ]
+
+
+def test_the_amqp_type_claimed_is_the_task_name_the_messages_carry() -> None:
+    message = document(APP)["components"]["messages"]["users_notify.v1"]
+
+    assert message["bindings"]["amqp"]["messageType"] == "users:notify"
+    assert amqtask._codec.encode_task(notify, {"user": "u", "text": "t"}).type == "users:notify"
+
+
+def test_a_call_is_answered_with_a_result_or_an_error_reply() -> None:
+    doc = document(APP)
+    send = doc["operations"]["send.images.resize.v1"]
+    messages = doc["components"]["messages"]
+
+    replies = [resolve(doc, ref["$ref"]) for ref in send["reply"]["messages"]]
+    assert replies == [
+        {"$ref": "#/components/messages/images.resize.v1.result"},
+        {"$ref": "#/components/messages/images.resize.v1.error"},
+    ]
+    assert send["reply"]["address"]["location"] == "$message.header#/reply_to"
+    error = messages["images.resize.v1.error"]
+    assert error["headers"]["required"] == ["amqtask-reason", "amqtask-error"]
+    assert "handler_error" in error["headers"]["properties"]["amqtask-reason"]["enum"]
+    assert error["payload"] == {"type": "string", "maxLength": 0}
+    assert messages["images.resize.v1"]["correlationId"]["location"] == (
+        "$message.header#/correlation_id"
+    )
+    assert "users_notify.v1.error" not in messages  # no result: nobody to answer
+
+
+def test_delays_retries_and_dead_letters_have_channels_of_their_own() -> None:
+    doc = document(APP)
+    channels = doc["channels"]
+
+    delay = channels["delay.images"]
+    assert delay["address"] == "{delay}.images"
+    assert delay["bindings"]["amqp"]["exchange"]["name"] == "shop.delay.19"
+    assert delay["bindings"]["amqp"]["exchange"]["type"] == "topic"
+    five = delay["parameters"]["delay"]["description"].rsplit(" ", 1)[1]
+    assert f"{five}.images" == amqtask.routing.delay_routing_key(5, "images")
+    assert channels["due.images"]["address"] == "images.due"
+    assert channels["dead.images"]["address"] == "images.dead"
+    assert set(channels["dead.images"]["messages"]) == {
+        "images.resize.v1.dead",
+        "users_notify.v1.dead",
+    }
+    dead = doc["components"]["messages"]["images.resize.v1.dead"]["headers"]
+    assert {"amqtask-reason", "amqtask-queue", "amqtask-failed-at"} <= set(dead["required"])
+    retry = doc["operations"]["retry.images.resize.v1"]
+    assert retry["action"] == "send"
+    assert retry["channel"] == {"$ref": "#/channels/delay.images"}

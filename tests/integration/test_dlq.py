@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import struct
 import subprocess
@@ -17,6 +18,7 @@ from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 import amqtask
+from amqtask import _dead_letters
 
 from .conftest import (
     AppFactory,
@@ -286,3 +288,35 @@ async def test_the_listing_shows_the_reason_of_the_last_death_not_the_first(
     assert listed.returncode == 0, listed.stderr
     (shown,) = json.loads(listed.stdout)["messages"]
     assert shown["reason"] == "rejected"
+
+
+async def test_a_replayed_dead_letter_keeps_its_content_encoding_and_type(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job, retry=amqtask.Retry(attempts=1))
+    app = make_app([job])
+    runs: list[int] = []
+
+    @app.handler(job)
+    async def handle(task: Job) -> None:
+        runs.append(task.n)
+        if len(runs) == 1:
+            raise RuntimeError("first run fails")
+
+    await app.declare()
+    async with amqp.channel() as channel:
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                gzip.compress(b'{"n": 7}'),
+                content_type="application/json",
+                content_encoding="gzip",
+                type=job.name,
+                headers={"amqtask-task": job.name},
+            ),
+            routing_key=job.queue,
+        )
+    async with running(app):
+        await wait_for(lambda: depth_is(amqp, f"{job.queue}.dead", 1))
+        assert await _dead_letters.replay(app, job) == 1
+        await wait_for(lambda: runs == [7, 7])  # decoded again after the replay
+    assert await queue_depth(amqp, f"{job.queue}.dead") == 0
