@@ -4,6 +4,7 @@ The hierarchy:
 
     AmqtaskError
     ├── ContractError           a contract or an app is defined inconsistently
+    │   └── ScheduleError       a schedule's expression, time zone, policy or payload is wrong
     ├── ConnectError            no connection to the broker (the URL is shown without password)
     │   ├── BrokerUnreachable   nothing answers there: refused, unknown host, not RabbitMQ
     │   ├── ConnectTimeout      no AMQP handshake within `connect_timeout`
@@ -55,6 +56,11 @@ class AmqtaskError(Exception):
 
 class ContractError(AmqtaskError):
     """A contract, or a set of contracts, is inconsistent."""
+
+
+class ScheduleError(ContractError):
+    """A schedule cannot run: its name, expression, time zone, durations, policy or payload (the
+    message names the schedule; a payload's pydantic `ValidationError` is the cause)."""
 
 
 class NotConnected(AmqtaskError):
