@@ -24,6 +24,7 @@ from .conftest import (
     AppFactory,
     app_env,
     dead_letters,
+    depth_is,
     queue_depth,
     running,
     start_worker,
@@ -68,6 +69,18 @@ def processes_of(unique: str) -> list[int]:
         except (OSError, IndexError):
             continue
     return found
+
+
+async def tasks_started(worker: asyncio.subprocess.Process, record: Path, count: int) -> None:
+    """Wait until `count` tasks of pool_app have started; fail with the worker's stderr if it
+    exits first or takes over a minute (its children start before it consumes)."""
+    await wait_for(
+        lambda: sum(pool_records(record)[0].values()) >= count or worker.returncode is not None,
+        timeout=60,
+    )
+    if worker.returncode is not None:
+        assert worker.stderr is not None
+        pytest.fail(f"the worker exited {worker.returncode}: {(await worker.stderr.read())!r}")
 
 
 # --- time limits ----------------------------------------------------------------------------
@@ -212,7 +225,7 @@ async def test_shutdown_lets_tasks_in_child_processes_finish_and_leaves_no_proce
         env=env,
         stderr=asyncio.subprocess.PIPE,
     )
-    await wait_for(lambda: sum(pool_records(record)[0].values()) == 2, timeout=60)
+    await tasks_started(worker, record, 2)
     children = pool_records(record)[2]
     assert len(processes_of(unique)) == 3  # the worker and its two children
     worker.send_signal(signal.SIGTERM)
@@ -221,7 +234,8 @@ async def test_shutdown_lets_tasks_in_child_processes_finish_and_leaves_no_proce
 
     assert worker.returncode == 0, stderr.decode()[-3000:]
     assert started == done == Counter({0: 1, 1: 1})  # in flight at SIGTERM, then finished
-    assert await queue_depth(amqp, job.queue) == 3  # never started: back for redelivery
+    # Never started: back in the queue for redelivery, once the broker has seen the close.
+    await wait_for(lambda: depth_is(amqp, job.queue, 3), timeout=10)
     assert processes_of(unique) == []
     assert children.isdisjoint(live_pids())
 
@@ -240,7 +254,7 @@ async def test_a_worker_killed_outright_takes_its_busy_children_with_it(
     worker = await start_worker(
         POOL_APP, "--pool", "process", "--concurrency", "2", env=env, stderr=asyncio.subprocess.PIPE
     )
-    await wait_for(lambda: sum(pool_records(record)[0].values()) == 2, timeout=60)
+    await tasks_started(worker, record, 2)
     worker.kill()  # no shutdown at all, as the OOM killer would
     await worker.wait()
 
