@@ -261,7 +261,8 @@ class ClaimVerdict(StrEnum):
     """What a worker may do with a task of a `deduplicate=True` contract."""
 
     RUN = "run"  # claimed: run it
-    DONE = "done"  # it succeeded already (or its effects committed): ack without running
+    DONE = "done"  # it succeeded already: ack without running
+    COMMITTED = "committed"  # a run committed its effects (`transaction()`), then ended unseen
     REVOKED = "revoked"  # ack without running
     BUSY = "busy"  # another run holds a live claim: wait for it
 
@@ -276,8 +277,10 @@ def claim_verdict(row: Mapping[str, Any] | None, now: float) -> Claim:
     """Why a claim was refused, from the task's row (read after the refusal)."""
     if row is None:
         return Claim(ClaimVerdict.BUSY)  # deleted in between: try again
-    if row["state"] == TaskState.SUCCEEDED or row["committed_at"] is not None:
+    if row["state"] == TaskState.SUCCEEDED:
         return Claim(ClaimVerdict.DONE)
+    if row["committed_at"] is not None:
+        return Claim(ClaimVerdict.COMMITTED)
     if row["state"] == TaskState.REVOKED:
         return Claim(ClaimVerdict.REVOKED)
     expires = row["claim_expires"]

@@ -46,6 +46,13 @@ _MISSING: tuple[type[BaseException], ...] = (
     pg.InvalidSchemaNameError,
 )
 
+# A transaction the server rolled back for another's sake: trying again is the remedy.
+_CONFLICTS: tuple[type[BaseException], ...] = (
+    pg.DeadlockDetectedError,
+    pg.SerializationError,
+)
+_CONFLICT_RETRIES = 5
+
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 30.0
 _LOCK_ID = 0x616D71746B  # "amqtk": serializes concurrent `declare`s of the same database
@@ -155,17 +162,28 @@ class PostgresStore:
     async def write(self, transitions: Sequence[Transition]) -> None:
         if not transitions:
             return
-        params = [t.params() for t in transitions]
-        finished = [t.id for t in transitions if t.phase == 2]
-        async with self._connection() as con:
-            # One round trip, atomic.
-            await con.executemany(self.dialect.upsert, params)
-            if finished:
-                await con.execute(
-                    "SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id",
-                    self.dialect.channel,
-                    finished,
-                )
+        # In id order: writers on several hosts lock the rows they share in the same order, so
+        # their batches wait for each other instead of deadlocking.
+        ordered = sorted(transitions, key=lambda t: t.id)
+        params = [t.params() for t in ordered]
+        finished = [t.id for t in ordered if t.phase == 2]
+        for attempt in range(_CONFLICT_RETRIES):
+            try:
+                async with self._connection() as con:
+                    # One round trip, atomic.
+                    await con.executemany(self.dialect.upsert, params)
+                    if finished:
+                        await con.execute(
+                            "SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id",
+                            self.dialect.channel,
+                            finished,
+                        )
+                return
+            except _CONFLICTS as exc:
+                # A claim or a revocation took a row in between: the batch did nothing; again.
+                if attempt == _CONFLICT_RETRIES - 1:
+                    raise StoreUnavailable(f"store {self.url}: {exc!r}") from exc
+                await asyncio.sleep(0.01 * (attempt + 1))
 
     async def revoke(self, task_id: str, *, terminate: bool) -> None:
         async with self._connection() as con:

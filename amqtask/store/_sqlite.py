@@ -174,7 +174,7 @@ class SqliteStore:
         if not transitions:
             return
         sql = self.dialect.upsert
-        params = [t.params() for t in transitions]
+        params = [t.params() for t in sorted(transitions, key=lambda t: t.id)]
         await self._call(self._transaction, lambda db: db.executemany(sql, params))
         self._committed()
 
@@ -257,25 +257,25 @@ class SqliteStore:
 
     @contextlib.asynccontextmanager
     async def watch(self, task_id: str) -> AsyncIterator[_Watch]:
-        self._watchers += 1
         if self._poller is None:
-            self._poller = asyncio.create_task(self._poll())
+            # The baseline is read before the caller reads the row: a commit in between shows.
+            seen = await self._call(self._data_version)
+            self._poller = asyncio.create_task(self._poll(seen))
+        self._watchers += 1
         try:
             yield _Watch(self)
         finally:
             self._watchers -= 1
 
-    async def _poll(self) -> None:
+    def _data_version(self) -> int:
+        return int(self._db().execute("PRAGMA data_version").fetchone()[0])
+
+    async def _poll(self, seen: int) -> None:
         """While someone waits: notice commits of other processes by `data_version`."""
-
-        def version() -> int:
-            return int(self._db().execute("PRAGMA data_version").fetchone()[0])
-
         try:
-            seen = await self._call(version)
             while self._watchers > 0:
                 await asyncio.sleep(POLL_INTERVAL)
-                now = await self._call(version)
+                now = await self._call(self._data_version)
                 if now != seen:
                     seen = now
                     self._committed()

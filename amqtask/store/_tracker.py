@@ -271,6 +271,10 @@ class Tracker:
                 return None
             if claim.verdict is ClaimVerdict.DONE:
                 return Skipped("already succeeded")
+            if claim.verdict is ClaimVerdict.COMMITTED:
+                # Its run committed its effects and died before saying how it ended: done.
+                self.recorder.record(self._transition(envelope, TaskState.SUCCEEDED))
+                return Skipped("effects committed")
             if claim.verdict is ClaimVerdict.REVOKED:
                 return Revoked()
             if loop.time() >= give_up:

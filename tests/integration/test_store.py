@@ -31,6 +31,7 @@ from tests.integration.conftest import (
     wait_for,
 )
 from tests.integration.postgres import schema_url
+from tests.integration.store_apps import store_app
 
 
 class Job(BaseModel):
@@ -253,35 +254,24 @@ async def test_terminate_kills_the_process_pool_child_running_the_task(
         TEST_SLEEP="60",
         TEST_SAME_TRANSACTION="0",
     )
-    os.environ.update({"TEST_UNIQUE": unique, "TEST_BROKER_URL": broker_url})
-    os.environ["TEST_STORE_URL"] = store_url
-    from tests.integration.apps import store_app  # the same contracts as the worker's
-
-    app = store_app.app
-    await app.declare()
-    worker = await start_worker(
-        "tests.integration.apps.store_app:app", "--concurrency", "1", env=env
-    )
-    try:
-        async with app:
-            task_id = await app.send(store_app.sleepy, {"n": 1})
-            await wait_for(lambda: record.exists() and "start 1" in record.read_text(), 60)
-            pid = int(record.read_text().split()[2])
-            await app.revoke(task_id, terminate=True)
-            with pytest.raises(amqtask.TaskRevoked):
-                await app.result(store_app.sleepy, task_id, timeout=30)
-        await wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10)  # the child was killed
-        assert "done 1" not in record.read_text()
-    finally:
-        worker.terminate()
-        await asyncio.wait_for(worker.wait(), 30)
-        await app.close()
-        from tests.integration.conftest import delete_topology
-
-        await delete_topology(broker_url, app.topology)
-        for name in ("TEST_UNIQUE", "TEST_BROKER_URL", "TEST_STORE_URL"):
-            os.environ.pop(name, None)
-        sys.modules.pop("tests.integration.apps.store_app", None)
+    async with store_app(unique, broker_url, store_url) as module:
+        app = module.app
+        worker = await start_worker(
+            "tests.integration.apps.store_app:app", "--concurrency", "1", env=env
+        )
+        try:
+            async with app:
+                task_id = await app.send(module.sleepy, {"n": 1})
+                await wait_for(lambda: record.exists() and "start 1" in record.read_text(), 60)
+                pid = int(record.read_text().split()[2])
+                await app.revoke(task_id, terminate=True)
+                with pytest.raises(amqtask.TaskRevoked):
+                    await app.result(module.sleepy, task_id, timeout=30)
+            await wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10)  # the child was killed
+            assert "done 1" not in record.read_text()
+        finally:
+            worker.terminate()
+            await asyncio.wait_for(worker.wait(), 30)
 
 
 # --- deduplication ----------------------------------------------------------------------------

@@ -61,7 +61,7 @@ async def test_writes_in_the_same_transaction_commit_with_the_effects_mark(store
 
     again = await store.claim(running, "owner-2")
     row = await store.get("t1")
-    assert again.verdict.value == "done"  # a redelivered copy is skipped
+    assert again.verdict.value == "committed"  # a redelivered copy is skipped
     assert row is not None
     assert row["committed_at"] is not None
 
