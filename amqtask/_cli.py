@@ -32,15 +32,25 @@ from amqtask import (
     _startup,
     _status,
     _supervisor,
+    _wallclock,
 )
 from amqtask._app import App
 from amqtask._contract import Contract
-from amqtask._exceptions import AmqtaskError, ContractError, RemoteError, TopologyConflict
+from amqtask._exceptions import (
+    AmqtaskError,
+    ContractError,
+    RemoteError,
+    StoreError,
+    StoreMissing,
+    TopologyConflict,
+)
 from amqtask._metrics import MetricsServer, WorkerMetrics
 from amqtask._transport import connect_error
 from amqtask._urls import safe_url as _safe_url
 from amqtask._worker import Worker, WorkerSettings
 from amqtask.routing import delay_seconds
+from amqtask.store import _report as _store_report
+from amqtask.store import parse_duration
 
 T = TypeVar("T")
 
@@ -137,7 +147,8 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
     Prints the plan (each entity: missing, up-to-date or conflict), then creates what is missing
     and removes bindings an earlier amqtask declared that must go (shown as removed).
     Idempotent. A conflict (an entity that exists with another type or arguments) changes
-    nothing and exits 1, naming the entity, the argument and both values.
+    nothing and exits 1, naming the entity, the argument and both values. An app with a task
+    store (`App(store=...)`) also gets its tables created or migrated (with --dry-run: checked).
 
     \b
     Example:
@@ -152,8 +163,10 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
         if not dry_run and not plan.conflicts:
             await app.transport.apply(plan)
             applied = True
+        store = None if app.store is None else await _declare_store(app, migrate=applied)
         if as_json:
-            click.echo(orjson.dumps({**plan.to_dict(), "applied": applied}).decode())
+            extra = {} if store is None else {"store": store}
+            click.echo(orjson.dumps({**plan.to_dict(), "applied": applied, **extra}).decode())
         else:
             click.echo(plan.render())
             if applied:
@@ -161,12 +174,33 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
                 click.echo(f"applied: created {created}" if created else "nothing to create")
                 if plan.to_remove:
                     click.echo(f"removed {len(plan.to_remove)} retired binding(s) where present")
+            if store is not None:
+                click.echo(f"store {store['url']}: {store['state']}")
         if plan.conflicts:
             click.echo(f"error: {TopologyConflict(plan.conflicts)}", err=True)
             return 1
         return 0
 
     sys.exit(_run(app, work))
+
+
+async def _declare_store(app: App, *, migrate: bool) -> dict[str, Any]:
+    """Create or migrate the app's store tables (or, not `migrate`, only look at them)."""
+    store = app.store
+    assert store is not None
+    try:
+        if migrate:
+            versions = await app.migrate_store()
+            state = f"migrated to version {versions[-1]}" if versions else "up-to-date"
+            return {"url": store.url, "state": state, "applied": versions}
+        try:
+            await store.check()
+            state = "up-to-date"
+        except StoreMissing as exc:
+            state = f"to migrate ({exc})"
+        return {"url": store.url, "state": state, "applied": []}
+    finally:
+        await store.close()
 
 
 @cli.command()
@@ -751,6 +785,7 @@ def status(
     management_url: str | None,
 ) -> None:
     """Show, per task: ready and unacked messages, consumers, dead letters; and delayed messages.
+    With a task store, also how many tasks it holds in each state, per task.
 
     Over AMQP alone (passive declares) unacked counts and in/out rates are unknown and shown as
     '?' (null in JSON); --management-url adds them, and falls back to AMQP with a warning when
@@ -779,6 +814,8 @@ def status(
             while True:
                 sample = await sampler.sample()
                 data = _status.report(app.contracts, app.names, sample, previous)
+                if app.store is not None:
+                    data["store"] = await _store_counts(app)
                 if as_json:
                     click.echo(orjson.dumps(data).decode())
                     for warning in data["warnings"]:
@@ -787,6 +824,8 @@ def status(
                     if watch is not None and sys.stdout.isatty():
                         click.clear()
                     click.echo(_status.render(data))
+                    if "store" in data:
+                        click.echo(_store_report.render_counts(**data["store"]))
                 samples += 1
                 if watch is None or (count is not None and samples >= count):
                     return
@@ -795,10 +834,150 @@ def status(
                 previous = sample
                 await asyncio.sleep(watch)
 
+    async def work_then_close() -> None:
+        try:
+            await work()
+        finally:
+            if app.store is not None:
+                await app.store.close()
+
     try:
-        _run(app, work)
+        _run(app, work_then_close)
     except KeyboardInterrupt:
         sys.exit(0 if watch is not None else 130)  # Ctrl-C is how a watch ends
+
+
+async def _store_counts(app: App) -> dict[str, Any]:
+    """The store's counts per task and state for `status` (an error line where it is down)."""
+    store = app.store
+    assert store is not None
+    try:
+        rows = await store.counts()
+    except StoreError as exc:
+        return {"url": store.url, "counts": {}, "error": str(exc)}
+    return {"url": store.url, "counts": _store_report.state_counts(rows), "error": None}
+
+
+# --- the task store -------------------------------------------------------------------------
+
+
+def _with_store(app: App, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` on APP's store (usage error 2 without one), closing the app afterwards."""
+    if app.store is None:
+        raise click.UsageError("this app has no task store: give it App(store=...)")
+
+    async def run() -> T:
+        try:
+            return await work()
+        finally:
+            await app.close()
+
+    return _run(app, run)
+
+
+@cli.command("task")
+@click.argument("app_path", metavar="APP")
+@click.argument("task_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def task_command(app_path: str, task_id: str, as_json: bool) -> None:
+    """Show what APP's task store knows of task ID (the id `send` printed): state, attempts,
+    times, worker, error (type, message, reason, traceback) and result.
+
+    Needs no broker. Exit 1 when the store does not know the id (never sent with this store,
+    or its record expired after the contract's keep_result) or cannot be reached.
+
+    \b
+    Example:
+      amqtask task examples.app:app 3f2a9c...
+    """
+    _logging.configure(logging.WARNING)
+    app = load_app(app_path)
+    info = _with_store(app, lambda: app.task(task_id))
+    if info is None:
+        _fail(f"the task store knows no task {task_id!r}")
+    click.echo(
+        orjson.dumps(info.to_dict()).decode() if as_json else _store_report.render_task(info)
+    )
+
+
+@cli.command("tasks")
+@click.argument("app_path", metavar="APP")
+@click.option(
+    "--state", type=click.Choice(_store_report.STATES), default=None, help="Only this state."
+)
+@click.option("--task", "task_name", default=None, metavar="NAME", help="Only this task name.")
+@click.option(
+    "--since",
+    default=None,
+    metavar="DURATION",
+    help="Only tasks changed within this long (30s, 15m, 1h, 2d, 1w).",
+)
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list).")
+def tasks_command(
+    app_path: str,
+    state: str | None,
+    task_name: str | None,
+    since: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List tasks in APP's task store, most recently changed first.
+
+    Needs no broker.
+
+    \b
+    Example:
+      amqtask tasks examples.app:app --state failed --since 1h
+      amqtask tasks examples.app:app --task images.resize --json
+    """
+    _logging.configure(logging.WARNING)
+    changed_since = None
+    if since is not None:
+        try:
+            changed_since = _wallclock.utc_now() - parse_duration(since)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--since") from None
+    app = load_app(app_path)
+    infos = _with_store(
+        app, lambda: app.tasks(state=state, task=task_name, since=changed_since, limit=limit)
+    )
+    if as_json:
+        click.echo(_store_report.tasks_json(infos).decode())
+    else:
+        click.echo(_store_report.render_tasks(infos))
+
+
+@cli.command()
+@click.argument("app_path", metavar="APP")
+@click.argument("task_id", metavar="ID")
+@click.option(
+    "--terminate",
+    is_flag=True,
+    help="Also stop it if it runs now: an async def is cancelled, a process-pool child killed "
+    "(a plain def in a thread runs on).",
+)
+def revoke(app_path: str, task_id: str, terminate: bool) -> None:
+    """Revoke task ID: no worker will run it (acked without running, also after a restart, also
+    when it comes due after a delay or a retry). The revocation is stored in APP's task store,
+    then broadcast to the running workers.
+
+    \b
+    Example:
+      amqtask revoke examples.app:app 3f2a9c...
+      amqtask revoke examples.app:app 3f2a9c... --terminate
+    """
+    _logging.configure(logging.WARNING)
+    app = load_app(app_path)
+
+    async def work() -> Any:
+        await app.connect()
+        await app.revoke(task_id, terminate=terminate)
+        return await app.task(task_id)
+
+    info = _with_store(app, work)
+    state = "?" if info is None else info.state.value
+    click.echo(f"revoked {task_id} (now {state}{', terminate sent' if terminate else ''})")
 
 
 def main(argv: list[str] | None = None) -> Any:
