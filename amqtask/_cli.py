@@ -29,6 +29,7 @@ from amqtask import (
     _evolution,
     _logging,
     _metrics,
+    _reload,
     _startup,
     _status,
     _supervisor,
@@ -305,6 +306,19 @@ async def _declare_store(app: App, *, migrate: bool) -> dict[str, Any]:
     help="Replace a child process whose resident memory after a task is above this many MiB "
     "[default: never].",
 )
+@click.option(
+    "--reload",
+    is_flag=True,
+    help="Development: run the worker in a child process and restart it when a .py file under "
+    "the current directory changes (needs watchfiles: pip install 'amqtask[reload]').",
+)
+@click.option(
+    "--log-config",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A logging configuration file: JSON or YAML (dictConfig), else INI (fileConfig). It "
+    "replaces --log-level and --json-logs: amqtask's events reach its handlers as records.",
+)
 def worker(
     app_path: str,
     concurrency: int | None,
@@ -321,6 +335,8 @@ def worker(
     soft_time_limit: float | None,
     max_tasks_per_child: int | None,
     max_memory_per_child: float | None,
+    reload: bool,
+    log_config: str | None,
 ) -> None:
     """Consume and run the tasks APP has handlers for.
 
@@ -342,13 +358,30 @@ def worker(
     crashed), one past --time-limit is killed (reason time_limit), and children are replaced
     after --max-tasks-per-child tasks or above --max-memory-per-child MiB.
 
+    With --reload (development), a watcher runs the worker in a child process and restarts it,
+    gracefully, when a .py file under the current directory changes.
+
     \b
     Example:
       amqtask worker examples.app:app --concurrency 20
       amqtask worker examples.app:app --processes 4 --metrics-port 9100
       amqtask worker examples.app:app --pool process --time-limit 300 --max-memory-per-child 500
     """
-    _logging.configure(getattr(logging, log_level.upper()), json=json_logs)
+    if log_config is not None:
+        try:
+            _logging.configure_file(log_config)
+        except _logging.LogConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--log-config") from None
+    else:
+        _logging.configure(getattr(logging, log_level.upper()), json=json_logs)
+    if reload:
+        child = [sys.executable, "-m", "amqtask", "worker", app_path]
+        child += _worker_options(skip=("reload",))
+        try:
+            _reload.run(child, directory=os.getcwd(), shutdown_timeout=shutdown_timeout)
+        except _reload.ReloadUnavailable as exc:
+            raise click.UsageError(str(exc)) from None
+        sys.exit(0)
     app = load_app(app_path)
     if concurrency is None:
         concurrency = (os.cpu_count() or 1) if pool == "process" else 10
@@ -366,7 +399,8 @@ def worker(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if processes > 1:
-        child = [sys.executable, "-m", "amqtask", "worker", app_path, *_worker_options()]
+        child = [sys.executable, "-m", "amqtask", "worker", app_path]
+        child += _worker_options(skip=("processes", "reload"))
         supervisor = _supervisor.Supervisor(child, processes, shutdown_timeout)
         code = asyncio.run(supervisor.run())
         if supervisor.failure is not None:
@@ -425,13 +459,14 @@ def worker(
         os._exit(0)
 
 
-def _worker_options() -> list[str]:
-    """This `worker` command's options, as given or defaulted, for a child without --processes."""
+def _worker_options(skip: tuple[str, ...]) -> list[str]:
+    """This `worker` command's options, as given or defaulted, but those in `skip`, for a child
+    (`processes` for a supervisor's, `reload` for the reloader's)."""
     context = click.get_current_context()
     options: list[str] = []
     for param in context.command.params:
         value = context.params.get(param.name or "")
-        if not isinstance(param, click.Option) or param.name == "processes" or value is None:
+        if not isinstance(param, click.Option) or param.name in skip or value is None:
             continue
         if param.is_flag:
             names = param.opts if value else param.secondary_opts
@@ -982,3 +1017,7 @@ def revoke(app_path: str, task_id: str, terminate: bool) -> None:
 
 def main(argv: list[str] | None = None) -> Any:
     return cli.main(args=argv, prog_name="amqtask")
+
+
+# `amqtask purge` and `amqtask workers`: a module of their own, which adds them to `cli`.
+from amqtask import _cli_ops  # noqa: E402, F401

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -149,3 +150,91 @@ def _log_uncaught(
 ) -> None:
     """In JSON mode an uncaught exception is a log event too, not lines of plain text."""
     structlog.get_logger("amqtask").critical("uncaught_exception", exc_info=(kind, exc, traceback))
+
+
+class LogConfigError(ValueError):
+    """A `--log-config` file that cannot be read or applied."""
+
+
+# Attributes of a `LogRecord`: an event key of one of these names is passed on with a `_` suffix.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def _to_record(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> tuple[tuple[str], dict[str, Any]]:
+    """The last processor with a file configuration: the event becomes a record whose message is
+    `event key=value ...` and whose attributes also hold each key (for JSON formatters)."""
+    event = str(event_dict.pop("event", ""))
+    exc_info = event_dict.pop("exc_info", None)
+    event_dict.pop("level", None)
+    text = " ".join([event, *(f"{key}={value!r}" for key, value in event_dict.items())])
+    extra = {
+        (f"{key}_" if key in _RECORD_ATTRIBUTES else key): value
+        for key, value in event_dict.items()
+    }
+    return (text,), {"extra": {"event": event, **extra}, "exc_info": exc_info}
+
+
+def _read_config(path: str) -> dict[str, Any] | None:
+    """The dictConfig of a JSON or YAML file, or None for an INI file (fileConfig)."""
+    suffix = path.rsplit(".", 1)[-1].lower()
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise LogConfigError(f"cannot read {path}: {exc.strerror}") from None
+    if suffix == "json":
+        try:
+            loaded = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise LogConfigError(f"{path} is not valid JSON: {exc}") from None
+    elif suffix in ("yaml", "yml"):
+        try:
+            import yaml  # type: ignore[import-untyped]
+        except ImportError:
+            raise LogConfigError(f"{path}: a YAML file needs PyYAML (pip install pyyaml)") from None
+        try:
+            loaded = yaml.safe_load(data)
+        except yaml.YAMLError as exc:
+            raise LogConfigError(f"{path} is not valid YAML: {exc}") from None
+    else:
+        return None
+    if not isinstance(loaded, dict):
+        raise LogConfigError(f"{path} must hold a mapping (logging's dictConfig schema)")
+    return loaded
+
+
+def configure_file(path: str) -> None:
+    """Configure logging from a file, as uvicorn's `--log-config` does: JSON or YAML go to
+    `logging.config.dictConfig`, any other file (INI) to `fileConfig`. amqtask's structlog events
+    then go through stdlib logging (the file's loggers, levels, handlers and formatters), with
+    the event's keys as record attributes. Loggers that exist already stay enabled unless the
+    file says `disable_existing_loggers`. Raises `LogConfigError`."""
+    import logging.config
+
+    global _json
+    _json = False
+    config = _read_config(path)
+    try:
+        if config is not None:
+            config.setdefault("version", 1)
+            # amqtask's, aio-pika's and aiormq's loggers exist by now: disabling them (dictConfig's
+            # default) would silently drop the worker's own lines.
+            config.setdefault("disable_existing_loggers", False)
+            logging.config.dictConfig(config)
+        else:
+            logging.config.fileConfig(path, disable_existing_loggers=False)
+    except (ValueError, TypeError, AttributeError, ImportError, KeyError, RuntimeError) as exc:
+        raise LogConfigError(f"{path}: {exc}") from None
+    logging.captureWarnings(True)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.filter_by_level,
+            _to_record,
+        ],
+        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=True,
+    )

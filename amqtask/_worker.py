@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from amqtask import _codec, _tracing
+from amqtask import _codec, _operator, _tracing
 from amqtask._app import App, Handler
 from amqtask._contract import Isolation, _check_limits
 from amqtask._exceptions import AmqtaskError
@@ -171,6 +171,7 @@ class Worker:
         Raises `TopologyMissing` when `amqtask declare` has not created the queues.
         """
         prefetch = self.settings.effective_prefetch
+        self._announce(prefetch)
         try:
             await self.app.connect(queues=self.queues)
             if self.app.store is not None:
@@ -212,6 +213,20 @@ class Worker:
         tracker = Tracker(tasks.store, tasks.recorder, self.app.names, self.app.transport)
         await tracker.start()
         return tracker
+
+    def _announce(self, prefetch: int) -> None:
+        """Name the connection after this worker process (host, pid, settings, start time), so
+        `amqtask workers` and the management UI show who consumes each queue."""
+        transport = self.app.transport
+        base = getattr(transport, "name", None)
+        if isinstance(base, str):
+            base = base.split(_operator.WORKER_MARK)[0]  # a worker started again on this app
+            transport.name = _operator.worker_connection_name(  # type: ignore[attr-defined]
+                base,
+                concurrency=self.settings.concurrency,
+                prefetch=prefetch,
+                pool=self.settings.pool,
+            )
 
     def _executor_for(self, handler: Handler, metrics: WorkerMetrics | None) -> Executor:
         """Where a contract's handler runs, with which limits (see the WorkerSettings doc).

@@ -81,3 +81,87 @@ def test_console_logs_stay_readable_text() -> None:
     assert any("handler warning" in line and "shop.handlers" in line for line in lines)
     assert not any(line.startswith("{") for line in lines)
     assert "Traceback (most recent call last):" in result.stderr
+
+
+FILE_SCRIPT = """
+import logging, sys
+import aio_pika  # its loggers exist before the configuration, as in the worker
+import structlog
+from amqtask import _logging
+
+_logging.configure_file(sys.argv[1])
+structlog.get_logger("amqtask.worker").info("task_succeeded", task="t", duration_ms=1.5, name="n")
+structlog.get_logger("amqtask.worker").debug("below_the_level")
+logging.getLogger("aio_pika.robust_connection").warning("Connection closed. Reconnecting")
+"""
+
+
+def run_with_config(tmp_path: Any, name: str, text: str) -> tuple[str, str]:
+    config = tmp_path / name
+    config.write_text(textwrap.dedent(text).replace("LOG", str(tmp_path / "out.log")))
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FILE_SCRIPT), str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out.log"
+    return (out.read_text() if out.exists() else ""), done.stderr
+
+
+def test_a_json_log_config_routes_amqtasks_events_through_its_handlers(tmp_path: Any) -> None:
+    written, stderr = run_with_config(
+        tmp_path,
+        "logging.json",
+        """
+        {
+          "formatters": {"plain": {"format": "%(levelname)s %(name)s %(message)s|%(task)s"}},
+          "handlers": {"file": {"class": "logging.FileHandler", "filename": "LOG",
+                                "formatter": "plain"}},
+          "loggers": {"amqtask": {"level": "INFO", "handlers": ["file"]}}
+        }
+        """,
+    )
+
+    assert written.splitlines() == [
+        "INFO amqtask.worker task_succeeded task='t' duration_ms=1.5 name='n'|t"
+    ]
+    # aio-pika's logger is not disabled: with no handler of the file's, Python's last resort
+    # prints its warning.
+    assert stderr == "Connection closed. Reconnecting\n"
+
+
+def test_an_ini_log_config_works_and_keeps_the_libraries_loggers(tmp_path: Any) -> None:
+    written, _ = run_with_config(
+        tmp_path,
+        "logging.ini",
+        """
+        [loggers]
+        keys = root
+
+        [handlers]
+        keys = file
+
+        [formatters]
+        keys = plain
+
+        [logger_root]
+        level = INFO
+        handlers = file
+
+        [handler_file]
+        class = FileHandler
+        args = ("LOG",)
+        formatter = plain
+
+        [formatter_plain]
+        format = %(name)s: %(message)s
+        """,
+    )
+
+    assert written.splitlines() == [
+        "amqtask.worker: task_succeeded task='t' duration_ms=1.5 name='n'",
+        "aio_pika.robust_connection: Connection closed. Reconnecting",  # not disabled
+    ]
