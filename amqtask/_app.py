@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -12,16 +12,21 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 from pydantic import BaseModel
 
 from amqtask import _codec, _tracing, _wallclock, topology
-from amqtask._contract import Contract, In, Isolation, Out, Overflow
+from amqtask._contract import Contract, In, Isolation, LeaderLocator, Out, Overflow
 from amqtask._exceptions import ContractError, PublishNacked, QueueFull, StoreError
 from amqtask._execution import is_async
+from amqtask._failover import Failover
 from amqtask._transport import DEFAULT_CONNECT_TIMEOUT, AioPikaTransport, Transport
+from amqtask._urls import split_urls
 from amqtask.routing import DEFAULT_NAMESPACE, Names, delay_routing_key, delay_seconds
 from amqtask.rpc import Caller
 
 if TYPE_CHECKING:
     from amqtask.store import Store, TaskInfo
     from amqtask.store._client import TaskClient
+
+# How long `send` retries a publish the broker refused (not for a full queue) without a timeout.
+_NACK_RETRY = 30.0
 
 HandlerFunc = Callable[[Any], Awaitable[Any]] | Callable[[Any], Any]
 F = TypeVar("F", bound=HandlerFunc)
@@ -59,7 +64,7 @@ class App:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         contracts: Iterable[Contract[Any, Any]],
         *,
         namespace: str = DEFAULT_NAMESPACE,
@@ -69,8 +74,16 @@ class App:
         name: str = "amqtask",
         transport: Transport | None = None,
         store: str | Store | None = None,
+        failover: Failover | str = Failover.ORDER,
+        replicas: int | None = 3,
+        leader_locator: LeaderLocator | str | None = LeaderLocator.BALANCED,
     ) -> None:
-        """`publish_timeout` bounds how long `send` waits for a confirm (None: no bound);
+        """`url` is the broker's URL, or its nodes' URLs: a list, or one string separated by `,`
+        or `;`. They are tried in the `failover` order ("order" as given, "shuffle" a random
+        order each round) at start and on every reconnect (the README's "Running on a cluster").
+        `replicas` and `leader_locator` are the default replica count and leader locator of the
+        quorum queues `declare` creates; a contract's own win.
+        `publish_timeout` bounds how long `send` waits for a confirm (None: no bound);
         `call_timeout` is how long `call` waits for a reply unless told otherwise;
         `connect_timeout` bounds each connect (TCP, TLS and the AMQP handshake) and reconnect.
         `store` (a URL, `sqlite:///tasks.db` or `postgresql://...`, or an `amqtask.store.Store`)
@@ -82,7 +95,11 @@ class App:
         """
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be positive, got {connect_timeout!r}")
-        self.url = url
+        self.urls = split_urls(url)
+        self.url = self.urls[0]
+        self.placement = topology.Placement(
+            replicas, None if leader_locator is None else LeaderLocator(leader_locator)
+        )
         self.names = Names(namespace)
         self.publish_timeout = publish_timeout
         self.call_timeout = call_timeout
@@ -96,10 +113,11 @@ class App:
             self._contracts.values(),
             self.names,
             revocations=store is not None,
+            placement=self.placement,
         )
         self.handlers: dict[tuple[str, int], Handler] = {}
         self.transport: Transport = transport or AioPikaTransport(
-            url, name=name, connect_timeout=connect_timeout
+            self.urls, name=name, connect_timeout=connect_timeout, failover=failover
         )
         self._caller = Caller(self.transport, self.names.task_exchange)
         self._tasks: TaskClient | None = None
@@ -189,6 +207,18 @@ class App:
 
     # --- connection -------------------------------------------------------------------------
 
+    def use_urls(self, url: str | Sequence[str]) -> None:
+        """Connect to these broker URLs instead (as `url` in the constructor): what the CLI's
+        `--url` and `AMQTASK_URL` do. Only before the app connects.
+
+        Raises `ValueError` for no URL, once connected, or for an app with its own transport.
+        """
+        urls = split_urls(url)
+        if not isinstance(self.transport, AioPikaTransport):
+            raise ValueError("this app was given its own transport: it does not take URLs")
+        self.transport.use_urls(urls)
+        self.urls, self.url = urls, urls[0]
+
     async def connect(self, *, queues: Iterable[str] = ()) -> None:
         """Open the connection, after checking that the exchanges it publishes to (and `queues`)
         exist.
@@ -201,6 +231,7 @@ class App:
         """
         names = self.names
         published_to = {names.task_exchange, names.dead_letter_exchange, names.delay_entry_exchange}
+            published_to.add(names.revoke_exchange)  # revocations; a worker binds a queue to it
         needed = topology.Topology(
             exchanges=tuple(e for e in self.topology.exchanges if e.name in published_to),
             queues=tuple(self.topology.queue(name) for name in queues),
@@ -293,9 +324,21 @@ class App:
         timeout: float | None,
         wait_if_full: float,
     ) -> str:
-        """Publish, confirmed; while a `reject-publish` queue is full, retry for `wait_if_full`."""
+        """Publish, confirmed; while a `reject-publish` queue is full, retry for `wait_if_full`.
+
+        Any other nack is retried until `timeout` (30 s when None) on a fresh channel: in a
+        cluster, a queue refuses publishes while it has no leader (its node died a moment ago)
+        and takes them again once one is elected, within a second.
+        """
         clock = asyncio.get_running_loop()
         give_up = clock.time() + wait_if_full
+        retrying = _NACK_RETRY if timeout is None else timeout
+        unavailable_until = clock.time() + retrying
+        bounded = (
+            contract.max_length is not None
+            and contract.overflow is Overflow.REJECT_PUBLISH
+            and exchange == self.names.task_exchange  # delayed sends wait in unbounded queues
+        )
         pause = 0.05
         while True:
             try:
@@ -304,15 +347,28 @@ class App:
                     routing,
                     message,
                     task=contract.name,
-                    timeout=timeout,
+                    # Retries after a refusal share the one timeout; a full queue's each get it.
+                    timeout=timeout
+                    if bounded or timeout is None
+                    else max(unavailable_until - clock.time(), 0.001),
                 )
                 if self._tasks is not None:  # after the confirm: the task exists
                     self._tasks.sent(contract, message.message_id, exchange, routing)
                 return message.message_id
+            except QueueFull:
+                raise  # the transport knows it already
             except PublishNacked:
-                if contract.max_length is None or contract.overflow is not Overflow.REJECT_PUBLISH:
-                    raise
-                if clock.time() + pause > give_up:
+                if not bounded:
+                    if clock.time() + pause > unavailable_until:
+                        raise PublishNacked(
+                            f"task {contract.name!r}: the broker refused message "
+                            f"{message.message_id} at every try for {retrying:g} s: its queue is "
+                            "unavailable (a quorum queue without a leader, e.g. one that lost the "
+                            "majority of its nodes: `amqtask status` shows it); nothing was stored",
+                            task=contract.name,
+                            message_id=message.message_id,
+                        ) from None
+                elif clock.time() + pause > give_up:
                     raise QueueFull(
                         f"task {contract.name!r}: queue {contract.queue!r} is full "
                         f"(max_length {contract.max_length}); nothing was stored",

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from amqtask import (
     _asyncapi,
+    _cluster,
     _codec,
     _dead_letters,
     _evolution,
@@ -46,8 +47,9 @@ from amqtask._exceptions import (
     TopologyConflict,
 )
 from amqtask._metrics import MetricsServer, WorkerMetrics
-from amqtask._transport import connect_error
-from amqtask._urls import safe_url as _safe_url
+from amqtask._transport import broker_closed, connect_error
+from amqtask._urls import safe_urls as _safe_urls
+from amqtask._urls import vhost_of
 from amqtask._worker import Worker, WorkerSettings
 from amqtask.routing import delay_seconds
 from amqtask.store import _report as _store_report
@@ -78,7 +80,53 @@ def load_app(target: str) -> App:
         raise click.BadParameter(
             f"{target!r} is {type(app).__name__}, not an amqtask.App", param_hint="APP"
         )
+    context = click.get_current_context(silent=True)
+    urls = context.meta.get(_URLS) if context is not None else None
+    if urls:
+        try:
+            app.use_urls(urls)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--url") from None
     return app
+
+
+# --- --url: every command that loads an APP takes it ------------------------------------------
+
+_URLS = "amqtask.urls"  # where `--url` leaves its values, in the context's shared `meta`
+
+
+def _remember_urls(
+    context: click.Context, _param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    context.meta[_URLS] = value
+    return value
+
+
+def _url_option() -> click.Option:
+    return click.Option(
+        ["--url"],
+        multiple=True,
+        expose_value=False,  # read by `load_app`, not passed to the command
+        callback=_remember_urls,
+        envvar="AMQTASK_URL",
+        show_envvar=True,
+        metavar="URL",
+        help="Broker URL, instead of the app's. Repeat it (or separate URLs with , or ;) for "
+        "the nodes of a cluster.",
+    )
+
+
+class _Commands(click.Group):
+    """A command group whose commands that take an APP also take `--url` (and `AMQTASK_URL`),
+    so one app module runs against dev, staging and a cluster. Its subgroups do the same."""
+
+    group_class = type
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        takes_app = any(param.name == "app_path" for param in cmd.params)
+        if takes_app and not any(param.name == "url" for param in cmd.params):
+            cmd.params.append(_url_option())
+        super().add_command(cmd, name)
 
 
 # Frames of these directories are not where a user looks for the line that raised.
@@ -124,11 +172,13 @@ def _run(app: App, work: Callable[[], Awaitable[T]]) -> T:
     except AmqtaskError as exc:
         _fail(str(exc))
     except (ConnectionError, OSError) as exc:
-        # Raised by aio-pika where amqtask did not type it: described like a failed connect.
-        _fail(str(connect_error(exc, app.url, app.connect_timeout)))
+        # Raised by aio-pika where amqtask did not type it: the broker closed the connection
+        # (so it was reachable), or else described like a failed connect.
+        urls = _safe_urls(app.urls)
+        _fail(broker_closed(exc) or str(connect_error(exc, urls, app.connect_timeout)))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="amqtask")
 def cli() -> None:
     """amqtask: typed, durable task queues and RPC on RabbitMQ.
@@ -138,11 +188,44 @@ def cli() -> None:
     """
 
 
+# --- a cluster's management API (declare, rebalance) ------------------------------------------
+
+_MANAGEMENT_URL = click.option(
+    "--management-url",
+    envvar="AMQTASK_MANAGEMENT_URL",
+    default=None,
+    metavar="URL",
+    help="The management API, e.g. http://guest:guest@node1:15672 (several separated by , or ; "
+    "are tried in turn) [env: AMQTASK_MANAGEMENT_URL].",
+)
+
+
+def _management(url: str, app: App) -> _status.Management:
+    try:
+        return _status.Management.from_urls(url, app.url, timeout=app.connect_timeout)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--management-url") from None
+
+
+async def _placement(
+    app: App, management: _status.Management | None
+) -> tuple[dict[str, Any] | None, str]:
+    """Where APP's quorum queues' leaders and replicas are (JSON and text), if it can be seen."""
+    if management is None:
+        return None, f"? {_cluster.NO_MANAGEMENT}"
+    try:
+        report = await _cluster.read_placement(management, vhost_of(app.url), app.topology)
+    except _status.ManagementUnavailable as exc:
+        return None, f"warning: {exc}; leaders and members not shown"
+    return report, _cluster.render_placement(report)
+
+
 @cli.command()
 @click.argument("app_path", metavar="APP")
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
+@_MANAGEMENT_URL
+def declare(app_path: str, dry_run: bool, as_json: bool, management_url: str | None) -> None:
     """Create the exchanges, queues and bindings APP's contracts need.
 
     Prints the plan (each entity: missing, up-to-date or conflict), then creates what is missing
@@ -151,12 +234,17 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
     nothing and exits 1, naming the entity, the argument and both values. An app with a task
     store (`App(store=...)`) also gets its tables created or migrated (with --dry-run: checked).
 
+    With --management-url, shows each quorum queue's leader and members online, leaders per
+    node, and warns about a queue with a member down, fewer replicas than wanted, or no quorum.
+
     \b
     Example:
       amqtask declare examples.app:app --dry-run
       amqtask declare examples.app:app --json
+      amqtask declare examples.app:app --management-url http://guest:guest@node1:15672
     """
     app = load_app(app_path)
+    management = None if management_url is None else _management(management_url, app)
 
     async def work() -> int:
         plan = await app.plan()
@@ -165,8 +253,10 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
             await app.transport.apply(plan)
             applied = True
         store = None if app.store is None else await _declare_store(app, migrate=applied)
+        cluster, placement = await _placement(app, management)
         if as_json:
-            extra = {} if store is None else {"store": store}
+            extra: dict[str, Any] = {} if store is None else {"store": store}
+            extra["cluster"] = cluster
             click.echo(orjson.dumps({**plan.to_dict(), "applied": applied, **extra}).decode())
         else:
             click.echo(plan.render())
@@ -177,6 +267,7 @@ def declare(app_path: str, dry_run: bool, as_json: bool) -> None:
                     click.echo(f"removed {len(plan.to_remove)} retired binding(s) where present")
             if store is not None:
                 click.echo(f"store {store['url']}: {store['state']}")
+            click.echo(placement)
         if plan.conflicts:
             click.echo(f"error: {TopologyConflict(plan.conflicts)}", err=True)
             return 1
@@ -432,7 +523,7 @@ def worker(
 
         try:
             running = await _startup.start_when_reachable(
-                start, url=_safe_url(app.url), timeout=start_timeout, stop=stop
+                start, url=_safe_urls(app.urls), timeout=start_timeout, stop=stop
             )
         except BaseException:
             if server is not None:
@@ -476,6 +567,8 @@ def _worker_options(skip: tuple[str, ...]) -> list[str]:
             name = max(param.opts, key=len)
             for item in value if isinstance(value, tuple) else (value,):
                 options += [name, str(item)]
+    for url in context.meta.get(_URLS, ()):  # `--url` is not among the command's params
+        options += ["--url", url]
     return options
 
 
@@ -684,7 +777,7 @@ def dlq_purge(app_path: str, task: str, yes: bool) -> None:
     click.echo(f"purged {_run(app, work)} message(s) from {contract.queue}.dead")
 
 
-@cli.group()
+@cli.group(cls=click.Group)  # no broker: no --url
 def contracts() -> None:
     """Export the contracts, check a change against a saved export, or write an AsyncAPI document.
 
@@ -1013,6 +1106,41 @@ def revoke(app_path: str, task_id: str, terminate: bool) -> None:
     info = _with_store(app, work)
     state = "?" if info is None else info.state.value
     click.echo(f"revoked {task_id} (now {state}{', terminate sent' if terminate else ''})")
+
+
+@cli.command()
+@click.argument("app_path", metavar="APP")
+@_MANAGEMENT_URL
+@click.option("--json", "as_json", is_flag=True, help="Print the placement as JSON.")
+def rebalance(app_path: str, management_url: str | None, as_json: bool) -> None:
+    """Spread quorum queue leaders evenly over the cluster's nodes; show APP's.
+
+    A node that comes back after a failure leads no queue: every queue it led elected a leader
+    elsewhere meanwhile, and the others now carry its load. This asks the management API to
+    rebalance (every queue of the cluster, as `rabbitmq-queues rebalance all` does), waits up to
+    15 s for APP's queues' leaders to spread, and prints where they are. Needs
+    --management-url (or AMQTASK_MANAGEMENT_URL).
+
+    \b
+    Example:
+      amqtask rebalance examples.app:app --management-url http://guest:guest@node1:15672
+    """
+    app = load_app(app_path)
+    if management_url is None:
+        raise click.UsageError("rebalance needs the management API: pass --management-url")
+    management = _management(management_url, app)
+
+    async def work() -> dict[str, Any]:
+        return await _cluster.rebalance(management, vhost_of(app.url), app.topology)
+
+    try:
+        report = _run(app, work)
+    except _status.ManagementUnavailable as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(orjson.dumps(report).decode())
+    else:
+        click.echo(_cluster.render_placement(report))
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -42,6 +42,13 @@ class Overflow(StrEnum):
     DROP_HEAD = "drop-head"  # the oldest message is dead-lettered to make room
 
 
+class LeaderLocator(StrEnum):
+    """Which node RabbitMQ makes a new quorum queue's leader (`x-queue-leader-locator`)."""
+
+    BALANCED = "balanced"  # the node leading the fewest queues: leaders spread over the cluster
+    CLIENT_LOCAL = "client-local"  # the node the declaring client is connected to
+
+
 class Isolation(StrEnum):
     """Where a contract's handler runs, whatever the worker's `--pool`."""
 
@@ -134,6 +141,9 @@ class Contract(Generic[In, Out]):
     # a finished task's record and result are kept (seconds).
     deduplicate: bool = False
     keep_result: float = DEFAULT_KEEP_RESULT
+    # Quorum queues in a cluster, fixed when a queue is created (None: the app's default).
+    replicas: int | None = None
+    leader_locator: LeaderLocator | None = None
 
     @property
     def routing_key(self) -> str:
@@ -169,6 +179,8 @@ def contract(
     launcher: Sequence[str] = (),
     deduplicate: bool = False,
     keep_result: float | timedelta = DEFAULT_KEEP_RESULT,
+    replicas: int | None = None,
+    leader_locator: LeaderLocator | str | None = None,
 ) -> Contract[In, None]: ...
 
 
@@ -192,6 +204,8 @@ def contract(
     launcher: Sequence[str] = (),
     deduplicate: bool = False,
     keep_result: float | timedelta = DEFAULT_KEEP_RESULT,
+    replicas: int | None = None,
+    leader_locator: LeaderLocator | str | None = None,
 ) -> Contract[In, Out]: ...
 
 
@@ -214,6 +228,8 @@ def contract(
     launcher: Sequence[str] = (),
     deduplicate: bool = False,
     keep_result: float | timedelta = DEFAULT_KEEP_RESULT,
+    replicas: int | None = None,
+    leader_locator: LeaderLocator | str | None = None,
 ) -> Contract[In, Any]:
     """Declare a task.
 
@@ -235,6 +251,11 @@ def contract(
     the worker claim each task id before running it, so a redelivered or duplicated message is
     not run twice; `keep_result` (seconds or a timedelta, default a day) is how long a finished
     task's record and result are kept.
+
+    In a cluster (the README's "Running on a cluster"), `replicas` is how many nodes hold a copy
+    of each quorum queue (`x-quorum-initial-group-size`) and `leader_locator` which node leads a
+    new one (`x-queue-leader-locator`); both default to the app's (`App(replicas=3,
+    leader_locator="balanced")`) and only take effect when a queue is created.
 
     Raises `ContractError` for an invalid name, version, model, limit or isolation.
     """
@@ -292,6 +313,19 @@ def contract(
         raise ContractError(
             f"task {name!r}: keep_result must be a positive number of seconds, got {keep_result!r}"
         )
+    if replicas is not None and (
+        isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1
+    ):
+        raise ContractError(f"task {name!r}: replicas must be at least 1, got {replicas!r}")
+    try:
+        leader_locator = None if leader_locator is None else LeaderLocator(leader_locator)
+    except ValueError as exc:
+        raise ContractError(f"task {name!r}: {exc}") from None
+    if (replicas is not None or leader_locator is not None) and queue_type is not QueueType.QUORUM:
+        raise ContractError(
+            f"task {name!r}: replicas and leader_locator place quorum queues; a classic queue "
+            "lives on one node"
+        )
     return Contract(
         name=name,
         input=input,
@@ -310,6 +344,8 @@ def contract(
         launcher=launcher,
         deduplicate=bool(deduplicate),
         keep_result=float(keep_result),
+        replicas=replicas,
+        leader_locator=leader_locator,
     )
 
 

@@ -150,7 +150,7 @@ async def browse_dead_letters(
     `preview` bytes of its body. Removes nothing: the messages go back to the queue, in order,
     when the block ends.
     """
-    connection = await open_connection(app.url, name="amqtask-dlq", timeout=app.connect_timeout)
+    connection = await open_connection(app.urls, name="amqtask-dlq", timeout=app.connect_timeout)
     async with connection:
         channel = await connection.channel()
         queue = await _dead_letter_queue(channel, contract)
@@ -189,7 +189,7 @@ async def replay(
     replayed until then stays replayed, the rest stays dead-lettered.
     """
     replayed = 0
-    connection = await open_connection(app.url, name="amqtask-dlq", timeout=app.connect_timeout)
+    connection = await open_connection(app.urls, name="amqtask-dlq", timeout=app.connect_timeout)
     async with connection:
         getter = await connection.channel()
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -238,7 +238,7 @@ async def replay(
 
 async def purge(app: App, contract: Contract[Any, Any]) -> int:
     """Delete every message of the dead-letter queue; returns how many there were."""
-    connection = await open_connection(app.url, name="amqtask-dlq", timeout=app.connect_timeout)
+    connection = await open_connection(app.urls, name="amqtask-dlq", timeout=app.connect_timeout)
     async with connection:
         channel = await connection.channel()
         queue = await _dead_letter_queue(channel, contract)

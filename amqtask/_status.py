@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +47,9 @@ from amqtask._urls import safe_url, vhost_of
 from amqtask.routing import DELAY_LEVELS, Names, dead_letter_queue_name, due_queue_name
 
 UNKNOWN_OVER_AMQP = (
-    "unacked, dl-pending and in/out rates need the management API (--management-url)"
+    "unacked, dl-pending, in/out rates, and each quorum queue's leader and members online "
+    "need the management API (--management-url); over AMQP a queue that lost its quorum looks "
+    "empty"
 )
 
 
@@ -71,6 +74,20 @@ class QueueStats:
     # Dead-lettered at least once but not yet confirmed by the target (quorum queues): neither
     # ready nor unacked, invisible over AMQP.
     dead_letter_pending: int | None = None
+    # A quorum queue's replicas in a cluster (management API only): the node leading it (None
+    # while it has none), the nodes holding a replica, and those of them running.
+    leader: str | None = None
+    members: tuple[str, ...] | None = None
+    online: tuple[str, ...] | None = None
+
+    @property
+    def quorum_lost(self) -> bool | None:
+        """Whether a quorum queue lost its quorum: no leader, or fewer than a majority of its
+        members online. It then takes no publish and delivers nothing. None if unknown."""
+        if self.members is None or self.online is None:
+            return None
+        majority = len(self.members) // 2 + 1
+        return self.leader is None or len(set(self.online) & set(self.members)) < majority
 
     @property
     def messages(self) -> int | None:
@@ -115,6 +132,10 @@ class ManagementUnavailable(Exception):
     """The management API could not be asked (unreachable, refused, or not the API)."""
 
 
+class _Unreachable(ManagementUnavailable):
+    """Nothing answered at one management URL."""
+
+
 def _int(value: Any) -> int | None:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
@@ -148,6 +169,7 @@ def parse_management_queue(name: str, payload: Mapping[str, Any]) -> QueueStats:
     """
     stats = payload.get("message_stats")
     stats = stats if isinstance(stats, Mapping) else {}
+    quorum = payload.get("type") == "quorum"
     return QueueStats(
         name=name,
         exists=True,
@@ -159,35 +181,78 @@ def parse_management_queue(name: str, payload: Mapping[str, Any]) -> QueueStats:
         delivered=_int(stats.get("deliver_get", 0)),
         publish_rate=_rate(stats, "publish"),
         deliver_rate=_rate(stats, "deliver_get"),
+        leader=_text(payload.get("leader")) if quorum else _text(payload.get("node")),
+        members=_names(payload.get("members")) if quorum else None,
+        online=_names(payload.get("online")) if quorum else None,
     )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    if not isinstance(value, list):
+        return None
+    return tuple(item for item in value if isinstance(item, str))
 
 
 @dataclass(frozen=True, slots=True)
 class Management:
-    """Where the management API answers and how to log in (from its URL, else the AMQP URL's)."""
+    """Where the management API answers and how to log in (from its URL, else the AMQP URL's).
+
+    In a cluster every node's API shows the whole cluster: `fallbacks` are other nodes' APIs,
+    asked in turn when one cannot be reached.
+    """
 
     base_url: str  # scheme://host:port[/prefix], without credentials
     username: str
     password: str = field(repr=False)  # never in a repr, a log line or a traceback
     timeout: float = 5.0
+    fallbacks: tuple[str, ...] = ()
 
     @classmethod
     def from_urls(cls, management_url: str, amqp_url: str, timeout: float = 5.0) -> Management:
-        parts = urlsplit(management_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f"expected http(s)://[user:pass@]host:port, got {safe_url(management_url)!r}"
-            )
+        """From one management URL, or several separated by `,` or `;` (one per node)."""
+        bases: list[str] = []
+        credentials: tuple[str | None, str | None] = (None, None)
+        for url in (part.strip() for part in re.split(r"[,;]", management_url)):
+            if not url:
+                continue
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"expected http(s)://[user:pass@]host:port, got {safe_url(url)!r}")
+            if not bases:
+                credentials = (parts.username, parts.password)
+            netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+            bases.append(urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")))
+        if not bases:
+            raise ValueError("expected http(s)://[user:pass@]host:port, got nothing")
         amqp = urlsplit(amqp_url)
-        username = parts.username or amqp.username or "guest"
-        password = parts.password or amqp.password or "guest"
-        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-        base = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-        return cls(base, unquote(username), unquote(password), timeout)
+        username = credentials[0] or amqp.username or "guest"
+        password = credentials[1] or amqp.password or "guest"
+        return cls(bases[0], unquote(username), unquote(password), timeout, tuple(bases[1:]))
 
     def get(self, path: str) -> Any:
         """GET `path` under /api and parse it; None for a 404. Raises `ManagementUnavailable`."""
-        request = urllib.request.Request(f"{self.base_url}/api{path}")
+        return self._request("GET", path)
+
+    def post(self, path: str) -> None:
+        """POST (no body) to `path` under /api. Raises `ManagementUnavailable`."""
+        self._request("POST", path)
+
+    def _request(self, method: str, path: str) -> Any:
+        unreachable: ManagementUnavailable | None = None
+        for base in (self.base_url, *self.fallbacks):
+            try:
+                return self._ask(base, method, path)
+            except _Unreachable as exc:
+                unreachable = exc  # another node's API may answer
+        assert unreachable is not None
+        raise unreachable
+
+    def _ask(self, base: str, method: str, path: str) -> Any:
+        request = urllib.request.Request(f"{base}/api{path}", method=method)
         token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
         request.add_header("Accept", "application/json")
@@ -198,18 +263,18 @@ class Management:
             if exc.code == 404:
                 return None
             raise ManagementUnavailable(
-                f"the management API at {self.base_url} answered HTTP {exc.code} {exc.reason}"
+                f"the management API at {base} answered HTTP {exc.code} {exc.reason}"
             ) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise ManagementUnavailable(
-                f"cannot reach the management API at {self.base_url}: {reason}"
-            ) from None
+            raise _Unreachable(f"cannot reach the management API at {base}: {reason}") from None
+        if method != "GET":
+            return None
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             raise ManagementUnavailable(
-                f"{self.base_url} did not answer with JSON: is it the management API?"
+                f"{base} did not answer with JSON: is it the management API?"
             ) from None
 
     def queue(self, vhost: str, name: str) -> QueueStats:
@@ -238,6 +303,9 @@ def merge(amqp: QueueStats, management: QueueStats | None) -> QueueStats:
         delivered=management.delivered,
         publish_rate=management.publish_rate,
         deliver_rate=management.deliver_rate,
+        leader=management.leader,
+        members=management.members,
+        online=management.online,
     )
 
 
@@ -288,7 +356,7 @@ class Sampler:
     async def sample(self) -> Sample:
         if self._connection is None:
             self._connection = await open_connection(
-                self.app.url, name="amqtask-status", timeout=self.app.connect_timeout
+                self.app.urls, name="amqtask-status", timeout=self.app.connect_timeout
             )
         queues = await _passive(self._connection, self.queues)
         if self.management is None:
@@ -395,6 +463,10 @@ def report(
                 "rates": rates(before, queue, seconds)
                 if queue.exists
                 else {"in": None, "out": None, "net": None},
+                # In a cluster (management API): who leads the work queue, members online.
+                "leader": queue.leader,
+                "members": None if queue.members is None else len(queue.members),
+                "members_online": None if queue.online is None else len(queue.online),
             }
         )
     levels = [sample.queues.get(name) for name in delay_queues(names)]
@@ -405,6 +477,16 @@ def report(
         if level is None or not level.exists
     ]
     notes = [UNKNOWN_OVER_AMQP] if sample.source is Source.AMQP else []
+    lost = [
+        {
+            "queue": stats.name,
+            "members": len(stats.members or ()),
+            "members_online": len(stats.online or ()),
+            "leader": stats.leader,
+        }
+        for name in queues_of(contracts, names)
+        if (stats := sample.queues.get(name)) is not None and stats.quorum_lost
+    ]
     return {
         "source": sample.source.value,
         "namespace": names.namespace,
@@ -415,10 +497,26 @@ def report(
             "levels": len(levels),
             "missing_levels": missing,
         },
-        "warnings": list(sample.warnings),
+        # Queues that lost their quorum (management API): they take and deliver nothing.
+        "no_quorum": lost,
+        "warnings": [*sample.warnings, *(no_quorum_warning(queue) for queue in lost)],
         "notes": notes,
         "interval": round(seconds, 3) if seconds is not None else None,
     }
+
+
+_NO_QUORUM = "NO QUORUM:"
+
+
+def no_quorum_warning(lost: Mapping[str, Any]) -> str:
+    """The loud line for a queue that lost its quorum."""
+    return (
+        f"{_NO_QUORUM} queue {lost['queue']!r} has {lost['members_online']} of its "
+        f"{lost['members']} members online"
+        + ("" if lost["leader"] is None else f" (last leader {lost['leader']})")
+        + ": sends to it are refused or time out and its workers get nothing until a majority of "
+        "its nodes is back; its counts read 0"
+    )
 
 
 def _cell(value: Any) -> str:
@@ -441,13 +539,27 @@ _HEADERS = (
     "in/s",
     "out/s",
     "net/s",
+    "leader",
+    "online",
 )
+
+
+def _placement_cells(row: Mapping[str, Any], *, known: bool) -> tuple[str, str]:
+    """The leader and online/members cells: `?` over AMQP, `none` for a quorum queue without
+    a leader, `-` for members of a classic queue (one node)."""
+    if not known:
+        return "?", "?"
+    members, online = row["members"], row["members_online"]
+    if members is None:
+        return row["leader"] or "?", "-"
+    return row["leader"] or "none", f"{online}/{members}"
 
 
 def render(data: Mapping[str, Any]) -> str:
     """`amqtask status` as text: a table, the delay levels, and what could not be known."""
     via = "AMQP and the management API" if data["source"] == Source.MANAGEMENT else "AMQP"
     lines = [f"status of namespace {data['namespace']!r} via {via}"]
+    lines.extend(no_quorum_warning(lost) for lost in data["no_quorum"])  # first: it matters most
     rows: list[tuple[str, ...]] = []
     missing: list[str] = []
     for row in data["tasks"]:
@@ -470,6 +582,7 @@ def render(data: Mapping[str, Any]) -> str:
                 "-" if r["in"] is None else _cell(r["in"]),
                 "-" if r["out"] is None else _cell(r["out"]),
                 "-" if r["net"] is None else _cell(r["net"]),
+                *_placement_cells(row, known=data["source"] == Source.MANAGEMENT),
             )
         )
     widths = [max(len(row[i]) for row in (_HEADERS, *rows)) for i in range(len(_HEADERS))]
@@ -496,5 +609,9 @@ def render(data: Mapping[str, Any]) -> str:
     if missing:
         lines.append(f"missing queue(s): {', '.join(missing)}: run amqtask declare")
     lines.extend(f"? {note}" for note in data["notes"])
-    lines.extend(f"warning: {warning}" for warning in data["warnings"])
+    lines.extend(
+        f"warning: {warning}"
+        for warning in data["warnings"]
+        if not warning.startswith(_NO_QUORUM)  # already at the top
+    )
     return "\n".join(lines)

@@ -3,6 +3,9 @@
 Publishing and consuming use separate channels of one robust connection: a slow consumer never
 holds up publishes, and a channel closed by a consume-side error does not fail in-flight confirms.
 Calls have a channel of their own (see `ReplyChannel`).
+
+Given several URLs (a cluster's nodes), the robust connection moves to the next one each time a
+node fails (`amqtask._failover`); channels and consumers are restored on the new node.
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aio_pika
 import aio_pika.exceptions
@@ -45,7 +48,17 @@ from amqtask._exceptions import (
     Unroutable,
     VhostRefused,
 )
-from amqtask._urls import password_of, safe_url, url_problem, user_of, vhost_of
+from amqtask._failover import RECONNECT_BACKOFF, Failover, HostCycle
+from amqtask._startup import Backoff
+from amqtask._urls import (
+    password_of,
+    safe_url,
+    safe_urls,
+    split_urls,
+    url_problem,
+    user_of,
+    vhost_of,
+)
 
 if TYPE_CHECKING:
     from yarl import URL
@@ -204,11 +217,44 @@ async def _publish(
         ) from None
     except TimeoutError:
         raise PublishTimeout(
-            f"task {task!r}: no confirm for message {message.message_id} within {timeout} s "
-            "(is the broker blocking publishers or unreachable?); it may still be delivered",
+            f"task {task!r}: no confirm for message {message.message_id} within {timeout} s: "
+            f"{_why_unconfirmed(channel)}; it may still be delivered",
             task=task,
             message_id=message.message_id,
         ) from None
+
+
+def _why_unconfirmed(channel: AbstractChannel) -> str:
+    """Why a publish got no confirm: the broker blocks this connection (an alarm), or not."""
+    blocked = _blocked(channel)
+    if blocked:
+        return (
+            "the broker is blocking publishers (a memory or disk alarm: `rabbitmqctl status` "
+            "shows it)"
+        )
+    unavailable = (
+        "its queue may be unavailable (a quorum queue without a leader, e.g. one that lost "
+        "the majority of its nodes: `amqtask status` shows it), or the broker is overloaded"
+    )
+    if blocked is None:
+        return unavailable + ", or it is blocking publishers (a memory or disk alarm)"
+    return unavailable
+
+
+def _blocked(channel: AbstractChannel) -> bool | None:
+    """Whether the broker blocks `channel`'s connection (`connection.blocked`); None if unknown.
+
+    aiormq tracks the state in a private event and offers no public reading of it; should that
+    change, this says "unknown" rather than something wrong.
+    """
+    transport = getattr(channel, "_connection", None)
+    transport = getattr(transport, "transport", None)
+    unblocked = getattr(
+        getattr(transport, "connection", None), "_Connection__connection_unblocked", None
+    )
+    if not isinstance(unblocked, asyncio.Event):
+        return None
+    return not unblocked.is_set()
 
 
 # A publish cut off by its channel or connection closing, whatever closed it: the message may or
@@ -325,6 +371,20 @@ class _AioPikaReplyChannel:
         self._on_lost(exc)
 
 
+_RETIRE_AFTER = 30.0  # seconds a refused publish channel stays open for its other confirms
+
+
+async def _close_when_idle(channel: AbstractRobustChannel) -> None:
+    """Close `channel` once no confirm is pending on it, or after `_RETIRE_AFTER` seconds."""
+    with suppress(*_LOST_ERRORS, TimeoutError):
+        underlay = await asyncio.wait_for(channel.get_underlay_channel(), 1)
+        confirmations = getattr(underlay, "confirmations", {})
+        pending = [f for f in confirmations.values() if isinstance(f, asyncio.Future)]
+        if pending:
+            await asyncio.wait(pending, timeout=_RETIRE_AFTER)
+        await channel.close()
+
+
 # --- connecting ---------------------------------------------------------------------------------
 
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and the AMQP handshake together
@@ -348,6 +408,23 @@ def connect_error(exc: BaseException, url: str, timeout: float) -> ConnectError 
     if isinstance(exc, ValueError):  # aio-pika's and yarl's URL parsing
         return InvalidURL(url=url, reason=_scrub(str(exc), url))
     return None
+
+
+def broker_closed(exc: BaseException) -> str | None:
+    """`exc` in words when the broker itself closed the connection with an error code (it was
+    reachable: this is not a connect failure); None for anything else."""
+    if not isinstance(exc, aiormq.exceptions.ConnectionClosed) or type(exc) in (
+        aiormq.exceptions.ConnectionClosed,  # aiormq's own, also for a normal close
+    ):
+        return None
+    text = " ".join(str(exc.args[-1] if exc.args else exc).split())
+    if isinstance(exc, aiormq.exceptions.ConnectionInternalError):
+        return (
+            f"the broker closed the connection with 541 {text}: in a cluster, a node answers so "
+            "when a quorum queue has lost its quorum (most of its nodes down) and cannot serve "
+            "it; `amqtask status APP --management-url URL` shows each queue's members online"
+        )
+    return f"the broker closed the connection: {type(exc).__name__}: {text}"
 
 
 def _refused_open(exc: BaseException) -> bool:
@@ -411,39 +488,136 @@ async def _connecting(
         raise error from exc
 
 
-async def open_connection(url: str, *, name: str, timeout: float) -> AbstractConnection:
-    """A plain (not robust) connection to `url`, open within `timeout` seconds.
+def _short(error: ConnectError) -> str:
+    """What went wrong at one URL, in a few words."""
+    if isinstance(error, BrokerUnreachable | InvalidURL):
+        return error.reason
+    if isinstance(error, ConnectTimeout):
+        return f"no AMQP handshake within {error.timeout:g} s"
+    if isinstance(error, AuthenticationFailed):
+        return f"authentication failed for user {error.user!r}"
+    if isinstance(error, VhostRefused):
+        return f"virtual host {error.vhost!r} refused to user {error.user!r}"
+    return type(error).__name__
+
+
+def all_failed(errors: Sequence[ConnectError], urls: Sequence[str]) -> ConnectError:
+    """One error for a connect that failed at each of `urls` (`errors`, in the order tried).
+
+    With one URL, or when every URL refused for the same reason waiting cannot fix (credentials,
+    vhost, a malformed URL), that error; otherwise a `BrokerUnreachable` naming each URL and its
+    failure, caused by the first failure waiting may fix (so a starting worker keeps waiting).
+    """
+    if len(errors) == 1:
+        return errors[0]
+    kinds = {type(error) for error in errors}
+    final = (AuthenticationFailed, VhostRefused, InvalidURL)
+    if len(kinds) == 1 and issubclass(kinds.pop(), final):
+        return errors[0]
+    combined = BrokerUnreachable(
+        url=safe_urls(urls),
+        reason="; ".join(f"{error.url}: {_short(error)}" for error in errors),
+    )
+    retryable = [error for error in errors if not isinstance(error, final)]
+    combined.__cause__ = (retryable or errors)[0].__cause__
+    return combined
+
+
+async def open_connection(
+    url: str | Sequence[str], *, name: str, timeout: float
+) -> AbstractConnection:
+    """A plain (not robust) connection to the first of the URLs in `url` that answers (a URL,
+    a list, or URLs separated by `,` or `;`), each tried in turn within `timeout` seconds.
 
     Raises a `ConnectError` (`BrokerUnreachable`, `ConnectTimeout`, `AuthenticationFailed`,
-    `VhostRefused`, `InvalidURL`); none shows the URL's password.
+    `VhostRefused`, `InvalidURL`; see `all_failed` for several URLs); none shows a password.
     """
-    connection = aio_pika.Connection(_amqp_url(url), client_properties={"connection_name": name})
-    async with _connecting(connection, url, timeout):
-        await connection.connect(timeout=timeout)
-    return connection
+    urls = split_urls(url)
+    errors: list[ConnectError] = []
+    for candidate in urls:
+        try:
+            connection = aio_pika.Connection(
+                _amqp_url(candidate), client_properties={"connection_name": name}
+            )
+            async with _connecting(connection, candidate, timeout):
+                await connection.connect(timeout=timeout)
+        except ConnectError as exc:
+            errors.append(exc)
+            continue
+        return connection
+    raise all_failed(errors, urls)
+
+
+class _FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection that reconnects to the next URL of its `HostCycle` whenever its node
+    fails, pausing as the cycle says.
+
+    aio-pika's reconnect loop calls `_on_connection_close` for a lost connection and for every
+    failed attempt, connects to `self.url` on each attempt, and sleeps `reconnect_interval`
+    after a failed one: the cycle supplies the URL and the pause. Until `fail_over()` (the
+    first connect), failures leave the cycle alone: the transport tries the URLs itself then.
+    """
+
+    def __init__(self, cycle: HostCycle, **kwargs: Any) -> None:
+        self._cycle = cycle
+        self._failing_over = False
+        super().__init__(_amqp_url(cycle.current), **kwargs)
+
+    @property
+    def reconnect_interval(self) -> float:
+        return self._cycle.pause
+
+    @reconnect_interval.setter
+    def reconnect_interval(self, value: float) -> None:
+        # A URL's `reconnect_interval` (aio-pika's fixed pause, 5 s unless given) caps the backoff.
+        if value > 0:
+            self._cycle.backoff = Backoff(first=min(RECONNECT_BACKOFF.first, value), cap=value)
+
+    def fail_over(self) -> None:
+        """Connected: from now on each failure moves to the next URL."""
+        self._failing_over = True
+        self._cycle.connected()
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        await super()._on_connection_close(closing)  # close callbacks still see the lost URL
+        if self._failing_over and not (self.close_called or self.is_closed):
+            self._cycle.failed()
+            self.url = _amqp_url(self._cycle.current)
+
+    async def _on_connected(self) -> None:
+        await super()._on_connected()
+        if self._failing_over:
+            self._cycle.connected()
 
 
 class AioPikaTransport:
     """`Transport` over one aio-pika robust connection (reconnects and restores consumers).
 
-    Connecting, and each reconnect, is bounded by `connect_timeout` seconds.
+    `url` is one broker URL or several (a list, or separated by `,` or `;`): the nodes of one
+    cluster, tried in the `failover` order at start and on every reconnect. Connecting, and each
+    reconnect attempt, is bounded by `connect_timeout` seconds.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         name: str = "amqtask",
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        failover: Failover | str = Failover.ORDER,
     ) -> None:
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be positive, got {connect_timeout!r}")
-        self.url = url
+        self.urls = split_urls(url)
+        self.url = self.urls[0]
+        self._cycle = HostCycle(self.urls, failover)
         self.name = name
         self.connect_timeout = connect_timeout
         self._down_since: float | None = None  # monotonic time the connection was lost
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractRobustChannel | None = None
+        self._renewing = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()  # refused channels closing once idle
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -456,52 +630,101 @@ class AioPikaTransport:
         connection = self._connection
         return connection is not None and connection.connected.is_set()
 
-    async def connect(self) -> None:
-        """Open the robust connection and its publish channel within `connect_timeout`.
+    def use_urls(self, urls: Sequence[str]) -> None:
+        """Connect to these URLs instead; only before `connect`."""
+        if self._connection is not None:
+            raise ValueError("the connection is open: change the URLs before connecting")
+        self.urls = split_urls(urls)
+        self.url = self.urls[0]
+        self._cycle = HostCycle(self.urls, self._cycle.failover)
 
-        Raises a `ConnectError`, and leaves nothing running behind it.
+    @property
+    def current_url(self) -> str:
+        """The URL the connection uses now, or tries next while it reconnects."""
+        return self._cycle.current
+
+    async def connect(self) -> None:
+        """Open the robust connection and its publish channel within `connect_timeout`, at the
+        first URL (in the failover order) that answers.
+
+        Raises a `ConnectError` (see `all_failed` for several URLs), and leaves nothing running
+        behind it.
         """
         if self._connection is not None:
             return
-        connection = aio_pika.RobustConnection(
-            _amqp_url(self.url), client_properties={"connection_name": self.name}
-        )
-        async with _connecting(connection, self.url, self.connect_timeout):
-            # The timeout given here also bounds every later reconnect attempt.
-            await connection.connect(timeout=self.connect_timeout)
-            self._publish_channel = await connection.channel(
-                publisher_confirms=True, on_return_raises=True
+        for url in self.urls:
+            _amqp_url(url)  # a malformed URL fails now, not at a failover
+        errors: list[ConnectError] = []
+        for url in self._cycle.round():
+            self._cycle.start_at(url)
+            connection = _FailoverConnection(
+                self._cycle, client_properties={"connection_name": self.name}
             )
-        connection.close_callbacks.add(self._lost)
-        connection.reconnect_callbacks.add(self._restored)
-        self._down_since = None
-        self._connection = connection
+            try:
+                async with _connecting(connection, url, self.connect_timeout):
+                    # The timeout given here also bounds every later reconnect attempt.
+                    await connection.connect(timeout=self.connect_timeout)
+                    self._publish_channel = await connection.channel(
+                        publisher_confirms=True, on_return_raises=True
+                    )
+            except ConnectError as exc:
+                errors.append(exc)
+                continue
+            connection.fail_over()
+            connection.close_callbacks.add(self._lost)
+            connection.reconnect_callbacks.add(self._restored)
+            self._down_since = None
+            self._connection = connection
+            return
+        raise all_failed(errors, self.urls)
 
-    def _lost(self, _connection: object, exc: BaseException | None = None) -> None:
+    def _lost(self, connection: object, exc: BaseException | None = None) -> None:
         # aio-pika calls this again for each failed reconnect attempt: log the loss once.
         if self._connection is None or self._down_since is not None:
             return  # closed on purpose, or already down
         self._down_since = time.monotonic()
+        url = str(getattr(connection, "url", self.url))  # the node just lost
         log.warning(
             "connection_lost",
-            url=safe_url(self.url),
-            error=_scrub(_describe(exc), self.url),
-            reconnect_in=getattr(self._connection, "reconnect_interval", None),
+            url=safe_url(url),
+            error=_scrub(_describe(exc), url),
+            nodes=len(self.urls),
         )
 
-    def _restored(self, _connection: object) -> None:
+    def _restored(self, connection: object) -> None:
         since, self._down_since = self._down_since, None
+        url = str(getattr(connection, "url", self.url))  # where it reconnected
         log.info(
             "connection_restored",
-            url=safe_url(self.url),
+            url=safe_url(url),
             down_s=None if since is None else round(time.monotonic() - since, 3),
         )
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         self._publish_channel = None
+        for task in self._retiring:
+            task.cancel()
         if connection is not None:
             await connection.close()
+
+    async def _renew_publish_channel(self, refused: AbstractRobustChannel) -> None:
+        """Publish on a new channel from now on, after `refused` got a nack.
+
+        RabbitMQ 3.10: a channel opened while a quorum queue had no leader (the second after its
+        node died, when this connection had just failed over) nacks every publish to that queue
+        for half a minute and more, while a new channel gets confirms once a leader is elected.
+        The refused channel is closed once its other confirms are in (or after 30 s), so that
+        publishes in flight on it to other queues are not cut off.
+        """
+        async with self._renewing:
+            if self._publish_channel is not refused or self._connection is None:
+                return  # renewed already by a concurrent nack, or closing
+            fresh = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._publish_channel = fresh
+        task = asyncio.create_task(_close_when_idle(refused))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def publish(
         self,
@@ -553,6 +776,11 @@ class AioPikaTransport:
                 timeout=remaining,
                 mandatory=mandatory,
             )
+        except PublishNacked:
+            with suppress(*_LOST_ERRORS, TimeoutError):
+                async with asyncio.timeout(self.connect_timeout):
+                    await self._renew_publish_channel(channel)
+            raise
         except _LOST_ERRORS as exc:
             raise PublishInterrupted(
                 f"task {task!r}: the connection dropped before the broker confirmed message "
@@ -615,7 +843,9 @@ class AioPikaTransport:
     async def _plain_connection(self) -> AbstractConnection:
         # Topology probes close channels on purpose (404/406); a plain connection keeps that away
         # from the robust channels' restore logic.
-        return await open_connection(self.url, name=self.name, timeout=self.connect_timeout)
+        return await open_connection(
+            self._cycle.round(), name=self.name, timeout=self.connect_timeout
+        )
 
     async def plan(self, topology: topo.Topology) -> topo.Plan:
         connection = await self._plain_connection()

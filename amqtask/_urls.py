@@ -2,17 +2,44 @@
 
 Every message, log event and status line that names a URL goes through `safe_url`, so a password
 never reaches a terminal, a log collector or an issue tracker.
+
+A cluster is given as several URLs: a list, or one string with `,` or `;` between them (for
+environment variables and command-line options).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 AMQP_SCHEMES = ("amqp", "amqps")
 URL_FORM = "amqp[s]://USER:PASSWORD@HOST[:PORT][/VHOST]"
 
 _USERINFO = re.compile(r"(?<=//)[^/?#]*@")
+_SEPARATORS = re.compile(r"[,;]")
+
+
+def split_urls(urls: str | Sequence[str]) -> tuple[str, ...]:
+    """The broker URLs in `urls`: a list of them, or one string of them separated by `,` or `;`
+    (spaces around each are ignored; a `,` or `;` in a password must be percent-encoded).
+
+    Raises `ValueError` when there is none.
+    """
+    parts = [urls] if isinstance(urls, str) else list(urls)
+    found: list[str] = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise ValueError(f"a broker URL must be a string, got {part!r}")
+        found += [url.strip() for url in _SEPARATORS.split(part) if url.strip()]
+    if not found:
+        raise ValueError(f"no broker URL given (expected {URL_FORM}, or several)")
+    return tuple(found)
+
+
+def safe_urls(urls: Sequence[str]) -> str:
+    """Several URLs on one line, each without its password."""
+    return ", ".join(safe_url(url) for url in urls)
 
 
 def safe_url(url: str) -> str:

@@ -29,7 +29,7 @@ import amqtask
 from bench import _scenarios as s
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
-SCENARIOS = ("send", "pipelined", "worker", "rpc", "rss", "pool")
+SCENARIOS = ("send", "pipelined", "worker", "rpc", "rss", "pool", "store")
 
 
 @dataclass
@@ -411,6 +411,14 @@ class Bench:
                     else "",
                 )
             )
+
+    # --- 7: the task store ------------------------------------------------------------------
+
+    async def store(self) -> None:
+        """Worker throughput with each task store against none; `App.result` latency."""
+        from bench import store
+
+        await store.measure(self)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -248,6 +248,10 @@ def test_report_over_amqp_counts_and_says_what_it_cannot_know() -> None:
         # Over AMQP the dead-letter hand-over cannot be seen: unknown, never 0.
         "dead_letter_pending": None,
         "rates": {"in": None, "out": None, "net": None},
+        # Leaders and members are not visible over AMQP either.
+        "leader": None,
+        "members": None,
+        "members_online": None,
     }
     assert other["exists"] is False
     assert other["ready"] is None
@@ -274,6 +278,8 @@ def test_report_over_amqp_counts_and_says_what_it_cannot_know() -> None:
         "in/s",
         "out/s",
         "net/s",
+        "leader",
+        "online",
     ]
     assert text.splitlines()[3].split() == [
         "jobs.run",
@@ -288,6 +294,8 @@ def test_report_over_amqp_counts_and_says_what_it_cannot_know() -> None:
         "-",
         "-",
         "-",
+        "?",
+        "?",
     ]
     assert text.splitlines()[2].split() == ["jobs.other", "v2", "other", "missing"]
     assert (
@@ -360,3 +368,81 @@ def test_the_management_api_shows_what_work_due_and_delay_queues_hold_in_hand_ov
     text = render(data)
     assert text.splitlines()[2].split()[3:10] == ["3", "2", "0", "0", "0", "3", "-"]
     assert "dl-pending in the delay levels: 37 " in text
+
+
+# --- clusters: leaders, members, quorum ---------------------------------------------------------
+
+N1, N2, N3 = "rabbit@n1", "rabbit@n2", "rabbit@n3"
+
+
+def test_a_quorum_queues_leader_and_members_are_read_from_the_management_api() -> None:
+    payload = {**QUEUE_JSON, "leader": N2, "members": [N1, N2, N3], "online": [N2, N3]}
+
+    stats = parse_management_queue("jobs", payload)
+
+    assert (stats.leader, stats.members, stats.online) == (N2, (N1, N2, N3), (N2, N3))
+    assert stats.quorum_lost is False  # two of three: a majority
+    merged = merge(QueueStats("jobs", exists=True, ready=5, consumers=1), stats)
+    assert (merged.leader, merged.members, merged.online) == (N2, (N1, N2, N3), (N2, N3))
+
+
+@pytest.mark.parametrize(
+    ("leader", "online", "lost"),
+    [
+        (N1, (N1, N2, N3), False),
+        (N1, (N1,), True),  # a leader that still believes it leads, alone
+        (None, (N1, N2), True),  # no leader elected yet
+        (None, None, None),  # not known (AMQP only)
+    ],
+)
+def test_a_queue_without_a_leader_or_a_majority_online_has_lost_its_quorum(
+    leader: str | None, online: tuple[str, ...] | None, lost: bool | None
+) -> None:
+    members = None if online is None else (N1, N2, N3)
+    stats = QueueStats("jobs", exists=True, leader=leader, members=members, online=online)
+
+    assert stats.quorum_lost is lost
+
+
+def test_a_classic_queue_reports_its_node_and_no_members() -> None:
+    stats = parse_management_queue("jobs", {**QUEUE_JSON, "type": "classic", "node": N1})
+
+    assert (stats.leader, stats.members, stats.quorum_lost) == (N1, None, None)
+
+
+def test_status_says_loudly_which_queues_lost_their_quorum() -> None:
+    queues = {
+        name: QueueStats(
+            name, exists=True, ready=0, unacked=0, consumers=1, members=(N1, N2, N3), online=(N3,)
+        )
+        for name in ("jobs", "jobs.due", "ns.delay.3")
+    }
+    queues["jobs.dead"] = QueueStats(
+        "jobs.dead", exists=True, ready=0, leader=N1, members=(N1, N2, N3), online=(N1, N2, N3)
+    )
+
+    data = report([JOB], NAMES, Sample(Source.MANAGEMENT, queues))
+
+    assert [lost["queue"] for lost in data["no_quorum"]] == ["jobs", "jobs.due", "ns.delay.3"]
+    [job] = data["tasks"]
+    assert (job["leader"], job["members"], job["members_online"]) == (None, 3, 1)
+    assert len(data["warnings"]) == 3
+    text = render(data)
+    lines = text.splitlines()
+    assert lines[1].startswith("NO QUORUM: queue 'jobs' has 1 of its 3 members online")
+    assert "its counts read 0" in lines[1]
+    assert lines[5].split()[-2:] == ["none", "1/3"]  # the table's leader and online cells
+    assert text.count("NO QUORUM") == 3  # once each, at the top
+
+
+def test_a_management_url_per_node_falls_back_to_the_next_that_answers(stub_url: str) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    management = Management.from_urls(
+        f"{dead.replace('http://', 'http://admin:s3cret@')},{stub_url}", "amqp://h/"
+    )
+
+    assert management.fallbacks == (stub_url,)
+    assert management.queue("/", "jobs").ready == 5

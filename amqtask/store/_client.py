@@ -117,8 +117,6 @@ class TaskClient:
     async def result(self, contract: Contract[Any, Any], task_id: str, timeout: float) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        if self.recorder.pending:
-            await self.recorder.flush(timeout=min(timeout, 2.0))
         async with self.store.watch(task_id) as watch:
             while True:
                 row = await self.store.get(task_id)

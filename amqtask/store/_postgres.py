@@ -169,10 +169,13 @@ class PostgresStore:
         finished = [t.id for t in ordered if t.phase == 2]
         for attempt in range(_CONFLICT_RETRIES):
             try:
-                async with self._connection() as con:
-                    # One round trip, atomic.
-                    await con.executemany(self.dialect.upsert, params)
-                    if finished:
+                async with self._connection() as con, con.transaction():
+                    if not finished:
+                        # Only `running` and such: a server crash may lose the last of these
+                        # (the task shows its previous state), so they skip the WAL flush.
+                        await con.execute("SET LOCAL synchronous_commit = off")
+                    await con.executemany(self.dialect.upsert, params)  # one round trip
+                    if finished:  # announced at the commit, which is the only WAL flush
                         await con.execute(
                             "SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id",
                             self.dialect.channel,

@@ -1,8 +1,10 @@
 """Group commit: transitions are queued in memory and written in batches, off the hot path.
 
 `record` never waits and never raises: it appends to a queue. One flusher task writes what is
-queued in one transaction, waiting `interval` seconds first when fewer than `batch` are queued,
-so a busy worker writes a batch every few milliseconds instead of a round trip per transition.
+queued in one transaction: what came while the last write ran goes at once, and a transition
+that finds the flusher idle waits `interval` seconds for others to join it (unless `batch` are
+queued), so a busy worker writes a batch every few milliseconds, never a round trip per
+transition.
 `committed` waits for one transition's batch (a `deduplicate` task's completion is stored before
 its ack).
 
@@ -135,12 +137,14 @@ class Recorder:
         failures = 0
         wake = self._wake
         assert wake is not None
+        waited = False  # the queued transitions waited through the last write already
         while True:
             if not self._queue:
                 wake.clear()
                 await wake.wait()
+                waited = False
                 continue
-            if len(self._queue) < self.batch and self.interval > 0:
+            if len(self._queue) < self.batch and self.interval > 0 and not waited:
                 await asyncio.sleep(self.interval)  # let the batch fill
             batch = [self._queue[i] for i in range(min(self.batch, len(self._queue)))]
             try:
@@ -172,6 +176,7 @@ class Recorder:
             self.written += len(batch)
             self._done = max(self._done, last)
             self._settle_waiters()
+            waited = bool(self._queue)  # what came during the write goes next, at once
 
 
 # --- the running task, for `amqtask.store.transaction()` ---------------------------------------

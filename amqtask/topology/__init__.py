@@ -2,13 +2,23 @@
 and the one module that reads and changes the broker (`_broker`)."""
 
 from amqtask.topology._broker import apply, ensure_exists, observe
-from amqtask.topology._model import Binding, Exchange, Queue, Topology, derive
+from amqtask.topology._model import (
+    CREATION_ONLY,
+    Binding,
+    Exchange,
+    Placement,
+    Queue,
+    Topology,
+    derive,
+)
 from amqtask.topology._plan import Observation, Plan, State, Step, make_plan, parse_precondition
 
 __all__ = [
+    "CREATION_ONLY",
     "Binding",
     "Exchange",
     "Observation",
+    "Placement",
     "Plan",
     "Queue",
     "State",

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from amqtask._contract import Contract, Overflow, QueueType
+from amqtask._contract import Contract, LeaderLocator, Overflow, QueueType
 from amqtask._exceptions import ContractError
 from amqtask.routing import (
     DELAY_LEVELS,
@@ -25,6 +25,50 @@ Arguments = tuple[tuple[str, ArgValue], ...]
 def arguments(mapping: Mapping[str, ArgValue]) -> Arguments:
     """Freeze a mapping of queue/exchange arguments into a sorted, hashable tuple."""
     return tuple(sorted(mapping.items()))
+
+
+# Arguments that only say where a new quorum queue's replicas and leader go. RabbitMQ 3.10
+# compares both on redeclare (a different or missing value is a 406), yet neither changes what
+# the queue does: `declare` reports a difference on an existing queue as a note and leaves the
+# queue alone (`rabbitmq-queues grow` and `rebalance` move replicas and leaders afterwards).
+CREATION_ONLY = frozenset({"x-quorum-initial-group-size", "x-queue-leader-locator"})
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where RabbitMQ puts a new quorum queue: how many nodes hold a replica, and which node
+    leads it. None leaves it to the broker (3 replicas; the declaring client's node leads)."""
+
+    replicas: int | None = None
+    leader_locator: LeaderLocator | None = None
+
+    def __post_init__(self) -> None:
+        if self.replicas is not None and (
+            isinstance(self.replicas, bool)
+            or not isinstance(self.replicas, int)
+            or self.replicas < 1
+        ):
+            raise ContractError(f"replicas must be at least 1, got {self.replicas!r}")
+        if self.leader_locator is not None:
+            try:
+                object.__setattr__(self, "leader_locator", LeaderLocator(self.leader_locator))
+            except ValueError as exc:
+                raise ContractError(str(exc)) from None
+
+    def of(self, contract: Contract[Any, Any]) -> Placement:
+        """The contract's own placement, with this one's values where it has none."""
+        return Placement(
+            contract.replicas if contract.replicas is not None else self.replicas,
+            contract.leader_locator if contract.leader_locator is not None else self.leader_locator,
+        )
+
+    def arguments(self) -> dict[str, ArgValue]:
+        args: dict[str, ArgValue] = {}
+        if self.replicas is not None:
+            args["x-quorum-initial-group-size"] = self.replicas
+        if self.leader_locator is not None:
+            args["x-queue-leader-locator"] = self.leader_locator.value
+        return args
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,14 +175,19 @@ class Topology:
         return tuple(b for b in self.bindings if b.queue == queue and not b.to_exchange)
 
 
-def work_queue(contract: Contract[Any, Any], names: Names) -> Queue:
+def work_queue(
+    contract: Contract[Any, Any], names: Names, placement: Placement = Placement()
+) -> Queue:
     """The work queue a contract needs, with its dead-letter routing and length limit."""
     return Queue(
-        contract.queue, arguments=_consumed_arguments(contract, names, contract.max_length)
+        contract.queue,
+        arguments=_consumed_arguments(contract, names, contract.max_length, placement),
     )
 
 
-def due_queue(contract: Contract[Any, Any], names: Names) -> Queue:
+def due_queue(
+    contract: Contract[Any, Any], names: Names, placement: Placement = Placement()
+) -> Queue:
     """The queue where a contract's delayed sends and retries arrive once their delay is over.
 
     Like the work queue (type, dead-letter routing to the work queue's dead-letter queue,
@@ -148,12 +197,12 @@ def due_queue(contract: Contract[Any, Any], names: Names) -> Queue:
     """
     return Queue(
         due_queue_name(contract.queue),
-        arguments=_consumed_arguments(contract, names, max_length=None),
+        arguments=_consumed_arguments(contract, names, None, placement),
     )
 
 
 def _consumed_arguments(
-    contract: Contract[Any, Any], names: Names, max_length: int | None
+    contract: Contract[Any, Any], names: Names, max_length: int | None, placement: Placement
 ) -> Arguments:
     """Arguments of a queue the contract's workers consume: its work queue or its due queue."""
     args: dict[str, ArgValue] = {
@@ -175,17 +224,21 @@ def _consumed_arguments(
         # the source queue until the dead-letter queue confirmed it, and needs reject-publish.
         args["x-dead-letter-strategy"] = "at-least-once"
         args["x-overflow"] = Overflow.REJECT_PUBLISH.value
+    if contract.queue_type is QueueType.QUORUM:
+        args.update(placement.of(contract).arguments())
     return arguments(args)
 
 
-def dead_letter_queue(contract: Contract[Any, Any]) -> Queue:
-    return Queue(
-        dead_letter_queue_name(contract.queue),
-        arguments=arguments({"x-queue-type": contract.queue_type.value}),
-    )
+def dead_letter_queue(contract: Contract[Any, Any], placement: Placement = Placement()) -> Queue:
+    args: dict[str, ArgValue] = {"x-queue-type": contract.queue_type.value}
+    if contract.queue_type is QueueType.QUORUM:
+        args.update(placement.of(contract).arguments())
+    return Queue(dead_letter_queue_name(contract.queue), arguments=arguments(args))
 
 
-def delay_levels(names: Names) -> tuple[list[Exchange], list[Queue], list[Binding]]:
+def delay_levels(
+    names: Names, placement: Placement = Placement()
+) -> tuple[list[Exchange], list[Queue], list[Binding]]:
     """The delay levels' exchanges, queues and bindings (see `amqtask.routing._delay`)."""
     exchanges = [Exchange(names.delay_deliver_exchange, "topic")]
     queues, bindings = [], []
@@ -203,6 +256,7 @@ def delay_levels(names: Names) -> tuple[list[Exchange], list[Queue], list[Bindin
                         "x-dead-letter-exchange": names.after_level(level),
                         "x-dead-letter-strategy": "at-least-once",
                         "x-overflow": Overflow.REJECT_PUBLISH.value,
+                        **placement.arguments(),
                     }
                 ),
             )
@@ -219,8 +273,12 @@ def derive(
     names: Names | None = None,
     *,
     revocations: bool = False,
+    placement: Placement = Placement(),
 ) -> Topology:
     """Compute every exchange, queue and binding the contracts need.
+
+    `placement` is the default replica count and leader locator of the quorum queues (work, due
+    and dead-letter queues, delay levels); a contract's own `replicas` and `leader_locator` win.
 
     With `revocations` (an app with a task store), also the namespace's fanout exchange that
     carries revocations to running workers; each worker binds a queue of its own to it.
@@ -231,7 +289,7 @@ def derive(
     """
     names = names or Names()
     contracts = list(contracts)
-    delay_exchanges, delay_queues, delay_bindings = delay_levels(names)
+    delay_exchanges, delay_queues, delay_bindings = delay_levels(names, placement)
     exchanges = (
         Exchange(names.task_exchange, "direct"),
         Exchange(names.dead_letter_exchange, "direct"),
@@ -245,9 +303,9 @@ def derive(
     for contract in contracts:
         _check_not_reserved(contract, reserved)
         for queue in (
-            work_queue(contract, names),
-            due_queue(contract, names),
-            dead_letter_queue(contract),
+            work_queue(contract, names, placement),
+            due_queue(contract, names, placement),
+            dead_letter_queue(contract, placement),
         ):
             seen = queues.setdefault(queue.name, (queue, contract))
             if seen[0] != queue:

@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from amqtask._exceptions import Conflict
-from amqtask.topology._model import Binding, Entity, Exchange, Queue, Topology
+from amqtask.topology._model import CREATION_ONLY, Binding, Entity, Exchange, Queue, Topology
 
 
 class State(StrEnum):
@@ -38,17 +38,24 @@ class Step:
     entity: Entity
     state: State
     conflicts: tuple[Conflict, ...] = ()
+    # Differences in arguments that only placed the queue when it was created (`CREATION_ONLY`):
+    # reported, never a conflict, and left as they are.
+    placed_otherwise: tuple[Conflict, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = self.entity.to_dict()
         data["state"] = self.state.value
         if self.entity.kind == "queue":
             data["bindings"] = []  # filled by Plan.to_dict, which sees every binding
-        if self.conflicts:
-            data["conflicts"] = [
-                {"argument": c.argument, "expected": c.expected, "actual": c.actual}
-                for c in self.conflicts
-            ]
+        for key, found in (
+            ("conflicts", self.conflicts),
+            ("placed_otherwise", self.placed_otherwise),
+        ):
+            if found:
+                data[key] = [
+                    {"argument": c.argument, "expected": c.expected, "actual": c.actual}
+                    for c in found
+                ]
         return data
 
 
@@ -126,6 +133,11 @@ class Plan:
             line = f"{marks[step.state]} {entity.kind:<8} {entity.name}{detail}  [{step.state}]"
             for conflict in step.conflicts:
                 line += f"\n      {conflict.describe()}"
+            for difference in step.placed_otherwise:
+                line += (
+                    f"\n      note: {difference.describe()}; it only placed the queue when it "
+                    "was created: left as is"
+                )
             lines.append(line)
         conflicting = sum(step.state is State.CONFLICT for step in self.steps)
         removed = f", {len(self.to_remove)} to remove" if self.to_remove else ""
@@ -139,7 +151,9 @@ class Plan:
 def make_plan(topology: Topology, observed: Mapping[ObservationKey, Observation]) -> Plan:
     """Give every desired entity its state from what was observed on the broker.
 
-    An exchange or queue that was not observed counts as missing. A binding is missing when one
+    An exchange or queue that was not observed counts as missing. A queue whose only
+    differences are in arguments that placed it at creation (`CREATION_ONLY`: replica count,
+    leader locator) is up to date, with those differences noted. A binding is missing when one
     of its ends is, and otherwise unverified (AMQP cannot tell whether it exists). A retired
     binding is to be removed when both its ends exist (else it cannot exist), after the rest.
     """
@@ -151,10 +165,11 @@ def make_plan(topology: Topology, observed: Mapping[ObservationKey, Observation]
         if not seen.exists:
             absent.add((entity.kind, entity.name))
             steps.append(Step(entity, State.MISSING))
-        elif seen.conflicts:
-            steps.append(Step(entity, State.CONFLICT, seen.conflicts))
         else:
-            steps.append(Step(entity, State.UP_TO_DATE))
+            real = tuple(c for c in seen.conflicts if c.argument not in CREATION_ONLY)
+            placed = tuple(c for c in seen.conflicts if c.argument in CREATION_ONLY)
+            state = State.CONFLICT if real else State.UP_TO_DATE
+            steps.append(Step(entity, state, real, placed))
     for binding in topology.bindings:
         missing_end = ("exchange", binding.exchange) in absent or (
             binding.destination_kind,

@@ -221,7 +221,18 @@ class PrivateNode:
     stays valid across :meth:`kill`/:meth:`restart`. Not thread-safe.
     """
 
-    def __init__(self, base_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        *,
+        management: bool = False,
+        config: tuple[str, ...] = (),
+        advanced_config: str | None = None,
+        exclude_ports: set[int] | None = None,
+    ) -> None:
+        """`management` enables the management plugin on a port of its own
+        (:attr:`management_url`); `config` adds `rabbitmq.conf` lines; `advanced_config` is
+        the `advanced.config` text; `exclude_ports` are ports not to pick (other nodes')."""
         self._owns_dir = base_dir is None
         if base_dir is None:
             base_dir = Path(tempfile.mkdtemp(prefix="amqtask-rmq-"))
@@ -229,9 +240,17 @@ class PrivateNode:
             base_dir.mkdir(parents=True, exist_ok=True)
         self.base_dir = base_dir.resolve()
         self.nodename = f"amqtask-test-{uuid.uuid4().hex[:8]}@localhost"
-        self.port = _free_port(exclude=set())
-        self.dist_port = _free_port(exclude={self.port})
+        taken = set(exclude_ports or ())
+        self.port = _free_port(exclude=taken)
+        self.dist_port = _free_port(exclude={*taken, self.port})
         self.url = f"amqp://guest:guest@{_HOST}:{self.port}/"
+        self.management_port: int | None = None
+        self.management_url: str | None = None
+        if management:
+            self.management_port = _free_port(exclude={*taken, self.port, self.dist_port})
+            self.management_url = f"http://guest:guest@{_HOST}:{self.management_port}"
+        self._config = config
+        self._advanced_config = advanced_config
 
         self.mnesia_base = self.base_dir / "mnesia"
         self.log_base = self.base_dir / "log"
@@ -270,7 +289,15 @@ class PrivateNode:
     def _write_files(self) -> None:
         self.mnesia_base.mkdir(exist_ok=True)
         self.log_base.mkdir(exist_ok=True)
-        (self.base_dir / "enabled_plugins").write_text("[].\n")
+        plugins = "[rabbitmq_management]" if self.management_port else "[]"
+        (self.base_dir / "enabled_plugins").write_text(f"{plugins}.\n")
+        if self._advanced_config is not None:
+            (self.base_dir / "advanced.config").write_text(self._advanced_config)
+        management = (
+            [f"management.tcp.port = {self.management_port}", f"management.tcp.ip = {_HOST}"]
+            if self.management_port
+            else []
+        )
         # Empty env-conf: /etc/rabbitmq/rabbitmq-env.conf sets NODENAME=rabbit@localhost.
         (self.base_dir / "rabbitmq-env.conf").write_text("")
         # Own main config: /etc/rabbitmq/rabbitmq.conf pins a listener to 5672.
@@ -283,6 +310,8 @@ class PrivateNode:
                     "disk_free_limit.absolute = 1MB",
                     "log.file.level = info",
                     "log.console = false",
+                    *management,
+                    *self._config,
                     "",
                 ]
             )
@@ -420,6 +449,30 @@ class PrivateNode:
                 os.kill(pid, signal.SIGKILL)
         self._wait_group_gone(10)
         self._reap()
+
+    def ctl(self, *args: str, timeout: float = 60, tool: str = _CTL) -> str:
+        """Run ``rabbitmqctl -n NODE ARGS`` (or another CLI tool: ``rabbitmq-queues``) as the
+        node's user and return its output; raise :class:`PrivateNodeError` when it fails."""
+        try:
+            done = subprocess.run(
+                [str(_RABBITMQ_BIN / tool), "-n", self.nodename, *args],
+                cwd=self.base_dir,
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+                **self._popen_user_kwargs(),
+            )
+        except subprocess.TimeoutExpired as exc:
+            what = f"{tool} {' '.join(args)} on {self.nodename}"
+            raise PrivateNodeError(f"{what}: timed out") from exc
+        output = (done.stdout + done.stderr).decode(errors="replace")
+        if done.returncode != 0:
+            raise PrivateNodeError(
+                f"{tool} {' '.join(args)} on {self.nodename} exited {done.returncode}: {output}"
+            )
+        return output
 
     def stop(self, timeout: float = 30) -> None:
         """Graceful ``rabbitmqctl stop``; falls back to :meth:`kill`."""

@@ -144,7 +144,7 @@ async def test_status_over_amqp_counts_ready_dead_delayed_and_consumers(
     assert f"{job.name} v1" in text.stdout
     assert f"missing queue(s): {unique}.ghost: run amqtask declare" in text.stdout
     assert "delayed: 1 message(s)" in text.stdout
-    assert "in/out rates need the management API" in text.stdout
+    assert "in/out rates, and each quorum queue's leader" in text.stdout
     assert text.stdout.count("dl-pending") >= 2  # the column and the delay levels' line
 
 
