@@ -26,6 +26,7 @@ makes one trace.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -74,9 +75,34 @@ def _tracer() -> Any:
     return tracer
 
 
+# `trace.get_tracer_provider()` looks the environment up on each call while no provider is set
+# (about 1 us, on every send and task); the API's global is read directly where it exists.
+_GLOBAL = trace is not None and hasattr(trace, "_TRACER_PROVIDER")
+_FROM_ENVIRONMENT = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+
+
 def recording() -> bool:
     """Whether spans record: OpenTelemetry is installed and an SDK tracer provider is set."""
-    return trace is not None and not isinstance(trace.get_tracer_provider(), _NO_SDK)
+    if trace is None:
+        return False
+    provider = trace._TRACER_PROVIDER if _GLOBAL else None
+    if provider is None:
+        if _GLOBAL and not _FROM_ENVIRONMENT:
+            return False  # none set: the proxy provider, which records nothing
+        provider = trace.get_tracer_provider()
+    return not isinstance(provider, _NO_SDK)
+
+
+_fields: tuple[object, tuple[str, ...]] = (None, ())
+
+
+def _context_fields() -> tuple[str, ...]:
+    """The header names the global propagator reads (`traceparent`, `tracestate`, `baggage`)."""
+    global _fields
+    textmap = propagate.get_global_textmap()
+    if _fields[0] is not textmap:
+        _fields = (textmap, tuple(textmap.fields))
+    return _fields[1]
 
 
 def error_type(exc: BaseException) -> str:
@@ -157,7 +183,7 @@ def wanted(headers: Mapping[str, Any] | None) -> bool:
     carries a trace context to pass on to the handler."""
     if not ENABLED:
         return False
-    return recording() or bool(headers and propagate.get_global_textmap().fields & headers.keys())
+    return recording() or bool(headers and any(key in headers for key in _context_fields()))
 
 
 def _carrier(headers: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,8 @@ TRACEPARENT = "00-00000000000000000000000000001234-0000000000005678-01"
 
 @pytest.fixture(autouse=True)
 def no_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A process with the OpenTelemetry API and no SDK."""
+    """A process with the OpenTelemetry API and no SDK (whatever other tests set)."""
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
     monkeypatch.setattr(trace, "get_tracer_provider", trace.NoOpTracerProvider)
 
 
