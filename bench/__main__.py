@@ -348,9 +348,14 @@ class Bench:
                 },
             }
 
+        one_child = {"process 1 child": s.amqtask_worker("burn", 1, 1, log_level, *process)}
         workloads = {
             "no-op": (apps.job, self.args.pool_noop, commands("tasks", "plain")),
-            "5 ms CPU": (apps.cpu_job, self.args.pool_cpu, commands("burn_async", "burn")),
+            "5 ms CPU": (
+                apps.cpu_job,
+                self.args.pool_cpu,
+                {**commands("burn_async", "burn"), **one_child},
+            ),
         }
         results: dict[str, dict[str, list[float]]] = {}
         usage: dict[tuple[str, str], list[s.Usage]] = {}
@@ -392,23 +397,25 @@ class Bench:
                         note="; ".join(sides) if side == "async" else "",
                     )
                 )
-        ideal = cores / apps.CPU_SECONDS
+        # Scaling: N children against one, where ideal is min(N, cores)x. It needs the cores
+        # free: the worker process, the broker and anything else on the machine share them.
+        cpu = results["5 ms CPU"]
         for side, n in children.items():
             busy = min(n, cores)
+            machine = s.median([u.machine_busy for u in usage[("5 ms CPU", side)]])
             self.rows.append(
                 Row(
-                    f"5 ms CPU tasks, {side} ({n} children) vs ideal",
+                    f"5 ms CPU tasks, {side} ({n} children) vs 1 child",
                     "tasks/s",
-                    results["5 ms CPU"][side],
-                    [busy / apps.CPU_SECONDS],
-                    baseline_label=f"{busy} cores x {1 / apps.CPU_SECONDS:.0f}/s",
-                    target=(">=", 0.9),
+                    cpu[side],
+                    cpu["process 1 child"],
+                    baseline_label="1 child",
+                    target=(">=", round(0.9 * busy, 2)),
                     note=(
-                        f"ideal {ideal:,.0f}/s needs every core free; the worker process and "
-                        "the broker share them here"
-                    )
-                    if side == "process 1/core"
-                    else "",
+                        f"ideal {busy}x; the machine was {machine:.0%} busy; one child did "
+                        f"{s.median(cpu['process 1 child']):,.0f}/s of an ideal "
+                        f"{1 / apps.CPU_SECONDS:.0f}/s"
+                    ),
                 )
             )
 

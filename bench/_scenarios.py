@@ -271,14 +271,23 @@ def _machine_jiffies() -> tuple[int, int]:
 
 
 def broker_pid() -> int | None:
-    """The local RabbitMQ (beam.smp) process, if the broker runs on this machine."""
+    """The local RabbitMQ (beam.smp) process, if the broker runs on this machine: the oldest
+    one, as tests may start and stop private nodes of their own meanwhile."""
+    found = []
     for comm in Path("/proc").glob("[0-9]*/comm"):
         try:
             if comm.read_text().strip() == "beam.smp":
-                return int(comm.parent.name)
+                found.append(int(comm.parent.name))
         except OSError:
             continue
-    return None
+    return min(found, key=_started_at, default=None)
+
+
+def _started_at(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 1 << 62
 
 
 @dataclass
