@@ -186,11 +186,17 @@ def wanted(headers: Mapping[str, Any] | None) -> bool:
     return recording() or bool(headers and any(key in headers for key in _context_fields()))
 
 
-def _carrier(headers: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        k: bytes(v).decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else v
-        for k, v in headers.items()
-    }
+def _carrier(headers: Mapping[str, Any]) -> dict[str, str]:
+    # Only the text values a propagator can read: a header of any other AMQP type (a table, a
+    # number) is left out rather than handed to code that expects a string.
+    carrier = {}
+    for key in _context_fields():
+        value = headers.get(key)
+        if isinstance(value, bytes | bytearray):
+            carrier[key] = bytes(value).decode("utf-8", "replace")
+        elif isinstance(value, str):
+            carrier[key] = value
+    return carrier
 
 
 @contextlib.contextmanager

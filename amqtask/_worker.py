@@ -18,9 +18,11 @@ executor, not as another branch that settles on its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -362,16 +364,30 @@ class Worker:
         started = time.perf_counter()
         envelope = _codec.open_envelope(delivery, queue, self._contracts)
         if not (_tracing.ENABLED and _tracing.wanted(delivery.headers)):
-            outcome = await self._run(envelope)
+            outcome = await self._run_guarded(envelope)
             settled = await self._settler.settle(envelope, outcome)
         else:
-            with _tracing.processing(**_trace_fields(envelope)) as span:
-                outcome = await self._run(envelope)
+            with contextlib.ExitStack() as stack:
+                span = _enter_span(stack, envelope)
+                outcome = await self._run_guarded(envelope)
                 settled = await self._settler.settle(envelope, outcome)
-                _tracing.settled(span, settled.outcome, settled.details, **_trace_error(outcome))
-        if self._tracker is not None:
-            self._tracker.settled(envelope, outcome, settled)  # recorded, batched
-        self._outcome(settled, envelope, started)
+                with _bookkeeping(envelope, "trace"):
+                    _tracing.settled(
+                        span, settled.outcome, settled.details, **_trace_error(outcome)
+                    )
+        with _bookkeeping(envelope, "record"):
+            if self._tracker is not None:
+                self._tracker.settled(envelope, outcome, settled)  # recorded, batched
+            self._outcome(settled, envelope, started)
+
+    async def _run_guarded(self, envelope: _codec.Envelope) -> Outcome:
+        """`_run`, whose own steps (a store, tracing) failing fails the task, never leaves the
+        delivery unsettled. Only the worker's cancellation of it passes through."""
+        try:
+            return await self._run(envelope)
+        except Exception as exc:
+            log.exception("pipeline_step_failed", message_id=envelope.message_id, error=repr(exc))
+            return Failed(exc)
 
     async def _run(self, envelope: _codec.Envelope) -> Outcome:
         """The envelope's outcome: its problem, an expired call, or what its handler did."""
@@ -418,6 +434,24 @@ def _task_labels(delivery: _codec.Delivery) -> tuple[str, str]:
     headers = delivery.headers or {}
     task = _codec.header_text(headers.get(_codec.TASK)) or "unknown"
     return task, _codec.header_text(headers.get(_codec.VERSION, 1)) or "unknown"
+
+
+@contextlib.contextmanager
+def _bookkeeping(envelope: _codec.Envelope, what: str) -> Iterator[None]:
+    """After the delivery settled: a failure to trace, record or log it is logged, not raised."""
+    try:
+        yield
+    except Exception as exc:
+        log.exception(f"{what}_failed", message_id=envelope.message_id, error=repr(exc))
+
+
+def _enter_span(stack: contextlib.ExitStack, envelope: _codec.Envelope) -> Any:
+    """The delivery's process span entered on `stack`, or None if tracing fails to start one."""
+    try:
+        return stack.enter_context(_tracing.processing(**_trace_fields(envelope)))
+    except Exception as exc:
+        log.exception("trace_failed", message_id=envelope.message_id, error=repr(exc))
+        return None
 
 
 def _trace_fields(envelope: _codec.Envelope) -> dict[str, Any]:

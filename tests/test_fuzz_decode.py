@@ -93,7 +93,9 @@ async def test_any_message_ends_processed_or_dead_lettered_with_a_reason(
         correlation_id="c" if is_call else None,
     )
     envelope = open_envelope(delivery, "jobs.run", CONTRACTS)  # must not raise
-    outcome: Outcome = Refused(envelope.problem) if envelope.problem else Succeeded(None)
+    # A handler that returns what its contract promises (None, or an `Out` for a call of ask).
+    result = {"doubled": 2} if envelope.contract is not None and envelope.contract.output else None
+    outcome: Outcome = Refused(envelope.problem) if envelope.problem else Succeeded(result)
     transport = FakeTransport()
     settler = Settler(transport, NAMES, publish_timeout=1.0, settle_timeout=1.0)  # type: ignore[arg-type]
     settled = await settler.settle(envelope, outcome)
