@@ -26,6 +26,7 @@ from amqtask._exceptions import (
     Reject,
     RemoteError,
     ResultTimeout,
+    ScheduleError,
     SoftTimeLimitExceeded,
     StoreError,
     StoreMissing,
@@ -38,6 +39,8 @@ from amqtask._exceptions import (
     Unroutable,
     VhostRefused,
 )
+from amqtask._schedule import Misfire, Schedule, schedule
+from amqtask._scheduler import Scheduler
 from amqtask._worker import Worker, WorkerSettings
 
 __all__ = [
@@ -52,6 +55,11 @@ __all__ = [
     "App",
     "Worker",
     "WorkerSettings",
+    # Periodic tasks
+    "Misfire",
+    "Schedule",
+    "Scheduler",
+    "schedule",
     # Signals a handler raises, or sees
     "Reject",
     "SoftTimeLimitExceeded",
@@ -86,6 +94,8 @@ __all__ = [
     "ConnectionLost",
     "InvalidReply",
     "RemoteError",
+    # Errors of schedules
+    "ScheduleError",
     # Errors of the task store (`App(store=...)`; its types are in `amqtask.store`)
     "ResultTimeout",
     "StoreError",

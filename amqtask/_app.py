@@ -13,9 +13,10 @@ from pydantic import BaseModel
 
 from amqtask import _codec, _tracing, _wallclock, topology
 from amqtask._contract import Contract, In, Isolation, LeaderLocator, Out, Overflow
-from amqtask._exceptions import ContractError, PublishNacked, QueueFull, StoreError
+from amqtask._exceptions import ContractError, PublishNacked, QueueFull, ScheduleError, StoreError
 from amqtask._execution import is_async
 from amqtask._failover import Failover
+from amqtask._schedule import Schedule
 from amqtask._transport import DEFAULT_CONNECT_TIMEOUT, AioPikaTransport, Transport
 from amqtask._urls import split_urls
 from amqtask.routing import DEFAULT_NAMESPACE, Names, delay_routing_key, delay_seconds
@@ -77,6 +78,7 @@ class App:
         failover: Failover | str = Failover.ORDER,
         replicas: int | None = 3,
         leader_locator: LeaderLocator | str | None = LeaderLocator.BALANCED,
+        schedules: Iterable[Schedule] = (),
     ) -> None:
         """`url` is the broker's URL, or its nodes' URLs: a list, or one string separated by `,`
         or `;`. They are tried in the `failover` order ("order" as given, "shuffle" a random
@@ -89,9 +91,13 @@ class App:
         `store` (a URL, `sqlite:///tasks.db` or `postgresql://...`, or an `amqtask.store.Store`)
         keeps task state, results and revocations (the README's "Task store"); without it
         nothing of the store is imported.
+        `schedules` (`amqtask.schedule(...)`) are the periodic tasks a scheduler fires
+        (`amqtask scheduler`, `amqtask worker --scheduler`; the README's "Periodic tasks").
 
         Raises `ContractError` when two contracts share a name and version, or a queue with
-        different settings, and `ValueError` for a `connect_timeout` that is not positive.
+        different settings; `ScheduleError` for two schedules of one name or a schedule whose
+        contract is not among `contracts`; `ValueError` for a `connect_timeout` that is not
+        positive.
         """
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be positive, got {connect_timeout!r}")
@@ -109,11 +115,13 @@ class App:
             if contract.key in self._contracts and self._contracts[contract.key] != contract:
                 raise ContractError(f"task {contract.name!r} v{contract.version} is defined twice")
             self._contracts[contract.key] = contract
+        self.schedules: tuple[Schedule, ...] = self._own_schedules(schedules)
         self.topology = topology.derive(
             self._contracts.values(),
             self.names,
             revocations=store is not None,
             placement=self.placement,
+            scheduler=bool(self.schedules),
         )
         self.handlers: dict[tuple[str, int], Handler] = {}
         self.transport: Transport = transport or AioPikaTransport(
@@ -131,6 +139,22 @@ class App:
     @property
     def contracts(self) -> tuple[Contract[Any, Any], ...]:
         return tuple(self._contracts.values())
+
+    def _own_schedules(self, schedules: Iterable[Schedule]) -> tuple[Schedule, ...]:
+        owned: dict[str, Schedule] = {}
+        for item in schedules:
+            if not isinstance(item, Schedule):
+                raise ScheduleError(f"expected amqtask.schedule(...), got {item!r}")
+            if item.name in owned:
+                raise ScheduleError(f"schedule {item.name!r} is defined twice")
+            if self._contracts.get(item.contract.key) != item.contract:
+                raise ScheduleError(
+                    f"schedule {item.name!r}: task {item.contract.name!r} "
+                    f"v{item.contract.version} is not among this app's contracts; pass it to "
+                    "App(contracts=[...])"
+                )
+            owned[item.name] = item
+        return tuple(owned.values())
 
     def contract(self, name: str, version: int | None = None) -> Contract[Any, Any]:
         """Look a contract up by task name (the highest version unless one is given)."""
@@ -231,6 +255,7 @@ class App:
         """
         names = self.names
         published_to = {names.task_exchange, names.dead_letter_exchange, names.delay_entry_exchange}
+        if self._tasks is not None:
             published_to.add(names.revoke_exchange)  # revocations; a worker binds a queue to it
         needed = topology.Topology(
             exchanges=tuple(e for e in self.topology.exchanges if e.name in published_to),

@@ -13,7 +13,8 @@ What the document says, in AsyncAPI's terms (the README's "Wire format" says the
   caller's `reply_to` property;
 * **operations** `send.*` (producers, with a `reply` where the task has a result),
   `send.*.delayed`, `receive.*` and `receive.*.due` (workers), `retry.*` (workers, through the
-  delay levels) and `receive.dead.*` (operators: `amqtask dlq`);
+  delay levels), `receive.dead.*` (operators: `amqtask dlq`) and `schedule.*` (the active
+  scheduler: a schedule's ticks, with its definition in `x-amqtask-schedule`);
 * **messages** in `components.messages`: the task (its input, every header it may carry), its
   result, its error reply and its dead letter; their payloads' JSON Schemas, from pydantic, in
   `components.schemas`.
@@ -37,6 +38,7 @@ from pydantic import TypeAdapter
 from amqtask import _codec
 from amqtask._app import App
 from amqtask._contract import Contract
+from amqtask._schedule import schedule_dict
 from amqtask._urls import vhost_of
 from amqtask.routing import (
     DELAY_LEVELS,
@@ -126,6 +128,15 @@ def _task_headers(contract: Contract[Any, Any]) -> dict[str, Any]:
             _codec.ERROR: {**_TEXT, "description": "Set by amqtask on a retry: the last error."},
             _codec.ERROR_TYPE: {**_TEXT, "description": "Set by amqtask on a retry."},
             _codec.TRACEBACK: {**_TEXT, "description": "Set by amqtask on a retry."},
+            _codec.SCHEDULE: {
+                **_TEXT,
+                "description": "Set by the scheduler on a scheduled task: the schedule's name.",
+            },
+            _codec.DUE: {
+                **_TIME,
+                "description": "Set by the scheduler on a scheduled task: the tick's due time "
+                "(UTC). The message id derives from it and the schedule's name.",
+            },
         },
         "required": [_codec.TASK] + ([_codec.VERSION] if contract.version != 1 else []),
     }
@@ -453,6 +464,31 @@ def document(
             },
         )
         dead_operation["messages"].append(_ref("channels", dead_channel, "messages", dead_id))
+
+    for item in sorted(app.schedules, key=lambda s: s.name):
+        task_id = _task_id(item.contract)
+        send_channel = f"task.{task_id}"
+        zone = f" ({item.tz})" if item.cron is not None else ""
+        operations[f"schedule.{_id(item.name)}"] = {
+            "action": "send",
+            "channel": _ref("channels", send_channel),
+            "title": f"Schedule {item.name}",
+            "summary": f"{item.contract.name} v{item.contract.version} at {item.expression}"
+            f"{zone}, published by the active scheduler like a send.",
+            "description": f"Each tick carries {_codec.SCHEDULE} and {_codec.DUE} headers and a "
+            "message id derived from both: a tick published twice (a failover) has one id. "
+            f"Misfire policy {item.misfire.value}, catch-up window "
+            f"{item.catch_up.total_seconds():g} s.",
+            "messages": [_ref("channels", send_channel, "messages", task_id)],
+            "bindings": {
+                "amqp": {
+                    "deliveryMode": 2,
+                    "mandatory": True,
+                    "bindingVersion": AMQP_BINDING_VERSION,
+                }
+            },
+            "x-amqtask-schedule": schedule_dict(item),
+        }
 
     if replies:
         channels["replies"] = {

@@ -46,7 +46,8 @@ from amqtask._exceptions import (
     StoreMissing,
     TopologyConflict,
 )
-from amqtask._metrics import MetricsServer, WorkerMetrics
+from amqtask._metrics import MetricsServer, SchedulerMetrics, WorkerMetrics
+from amqtask._scheduler import Scheduler
 from amqtask._transport import broker_closed, connect_error
 from amqtask._urls import safe_urls as _safe_urls
 from amqtask._urls import vhost_of
@@ -398,6 +399,13 @@ async def _declare_store(app: App, *, migrate: bool) -> dict[str, Any]:
     "[default: never].",
 )
 @click.option(
+    "--scheduler",
+    "with_scheduler",
+    is_flag=True,
+    help="Also run a replica of APP's scheduler in this process (in each of --processes): "
+    "the broker makes one replica in the namespace active.",
+)
+@click.option(
     "--reload",
     is_flag=True,
     help="Development: run the worker in a child process and restart it when a .py file under "
@@ -426,6 +434,7 @@ def worker(
     soft_time_limit: float | None,
     max_tasks_per_child: int | None,
     max_memory_per_child: float | None,
+    with_scheduler: bool,
     reload: bool,
     log_config: str | None,
 ) -> None:
@@ -448,6 +457,8 @@ def worker(
     which keeps the connection and the acks: a child that crashes fails only its task (reason
     crashed), one past --time-limit is killed (reason time_limit), and children are replaced
     after --max-tasks-per-child tasks or above --max-memory-per-child MiB.
+
+    With --scheduler, the process also runs a scheduler replica, as `amqtask scheduler` does.
 
     With --reload (development), a watcher runs the worker in a child process and restarts it,
     gracefully, when a .py file under the current directory changes.
@@ -489,6 +500,8 @@ def worker(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if with_scheduler and not app.schedules:
+        raise click.UsageError(f"--scheduler: {app_path!r} has no schedules")
     if processes > 1:
         child = [sys.executable, "-m", "amqtask", "worker", app_path]
         child += _worker_options(skip=("processes", "reload"))
@@ -516,9 +529,20 @@ def worker(
                 ) from exc
             server.start()
 
+        replica = None
+        if with_scheduler:
+            on = None if metrics is None else SchedulerMetrics(app, metrics.registry)
+            replica = Scheduler(app, metrics=on)
+
         async def start() -> Worker:
             started = Worker(app, settings, metrics=metrics)  # a failed start is not reusable
             await started.start()
+            if replica is not None:
+                try:
+                    await replica.start()
+                except BaseException:
+                    await started.stop()
+                    raise
             return started
 
         try:
@@ -537,6 +561,8 @@ def worker(
         try:
             await stop.wait()
         finally:
+            if replica is not None:
+                await replica.stop()  # first: another replica takes over while this one drains
             await running.stop()
             if server is not None:
                 server.stop()
@@ -805,7 +831,8 @@ _OUTPUT = click.option(
 @_OUTPUT
 def contracts_export(app_path: str, output: Any) -> None:
     """Write APP's contracts as JSON: name, version, queue, queue type, routing key, retry policy,
-    and the JSON Schemas of input and output.
+    and the JSON Schemas of input and output; and APP's schedules (task, expression, time zone,
+    misfire policy, payload).
 
     Stable for diffs: sorted keys, 2-space indent, tasks ordered by name and version. Commit it,
     and `contracts check` later changes against it.
@@ -815,7 +842,10 @@ def contracts_export(app_path: str, output: Any) -> None:
       amqtask contracts export examples.app:app -o contracts.json
     """
     app = load_app(app_path)
-    output.write(_evolution.dumps(_evolution.export(app.contracts, namespace=app.names.namespace)))
+    document = _evolution.export(
+        app.contracts, namespace=app.names.namespace, schedules=app.schedules
+    )
+    output.write(_evolution.dumps(document))
 
 
 @contracts.command("check")
@@ -842,7 +872,8 @@ def contracts_check(app_path: str, against: Any, order: str, as_json: bool) -> N
     or relaxed, task added or removed, queue or routing changed, ...) is judged twice: for a
     producer on the old contracts sending to a worker on the new ones, and for a new producer
     sending to an old worker. For a task's result the caller is the reader. A rename is a removal
-    plus an addition. Exit codes: 0 nothing breaks, 1 something breaks, 2 unreadable export.
+    plus an addition. Schedules added, removed or changed are listed too, and never break.
+    Exit codes: 0 nothing breaks, 1 something breaks, 2 unreadable export.
 
     \b
     Example:
@@ -854,7 +885,10 @@ def contracts_check(app_path: str, against: Any, order: str, as_json: bool) -> N
     try:
         saved = _evolution.loads(against.read())
         changes = _evolution.check(
-            saved, _evolution.export(app.contracts, namespace=app.names.namespace)
+            saved,
+            _evolution.export(
+                app.contracts, namespace=app.names.namespace, schedules=app.schedules
+            ),
         )
     except _evolution.ExportError as exc:
         raise click.BadParameter(f"{against.name}: {exc}", param_hint="--against") from None
@@ -1147,5 +1181,6 @@ def main(argv: list[str] | None = None) -> Any:
     return cli.main(args=argv, prog_name="amqtask")
 
 
-# `amqtask purge` and `amqtask workers`: a module of their own, which adds them to `cli`.
-from amqtask import _cli_ops  # noqa: E402, F401
+# `amqtask scheduler` and `amqtask schedules`, `amqtask purge` and `amqtask workers`: modules of
+# their own, which add them to `cli`.
+from amqtask import _cli_ops, _cli_schedules  # noqa: E402, F401

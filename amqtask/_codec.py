@@ -28,6 +28,10 @@ CONTENT_TYPE = "application/json"
 # Headers of a task message.
 TASK = "amqtask-task"
 VERSION = "amqtask-version"
+# A scheduled task's: the schedule that fired it and the tick's due time (ISO 8601, UTC). Its
+# message id derives from both, so a tick published twice carries one id.
+SCHEDULE = "amqtask-schedule"
+DUE = "amqtask-due"
 # A call's request: when its caller stops waiting, in milliseconds since the epoch (an integer:
 # pamqp sends a float header as a 32-bit float, off by a minute at today's epoch). The broker drops
 # a request still queued then (its `expiration`); the worker drops one it received but had not

@@ -30,6 +30,7 @@ import orjson
 from pydantic import BaseModel, TypeAdapter
 
 from amqtask._contract import Contract, Retry
+from amqtask._schedule import Schedule, schedule_dict
 
 EXPORT_FORMAT = 1
 """Version of the export's layout (`format` in the file), raised if it ever changes."""
@@ -82,13 +83,20 @@ def contract_dict(contract: Contract[Any, Any]) -> dict[str, Any]:
     }
 
 
-def export(contracts: Iterable[Contract[Any, Any]], *, namespace: str) -> dict[str, Any]:
-    """The contracts as one document, ordered by task name and version."""
+def export(
+    contracts: Iterable[Contract[Any, Any]],
+    *,
+    namespace: str,
+    schedules: Iterable[Schedule] = (),
+) -> dict[str, Any]:
+    """The contracts as one document, ordered by task name and version, and the app's schedules
+    (expression, time zone, policy, payload), ordered by name."""
     ordered = sorted(contracts, key=lambda c: (c.name, c.version))
     return {
         "format": EXPORT_FORMAT,
         "namespace": namespace,
         "contracts": [contract_dict(contract) for contract in ordered],
+        "schedules": [schedule_dict(item) for item in sorted(schedules, key=lambda s: s.name)],
     }
 
 
@@ -624,7 +632,33 @@ def check(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]:
             )
         else:
             changes.extend(_contract_changes(old_tasks[name, version], new_tasks[name, version]))
+    changes.extend(_schedule_changes(old.get("schedules") or [], new.get("schedules") or []))
     return changes
+
+
+def _schedule_changes(old: Iterable[Any], new: Iterable[Any]) -> Iterator[Change]:
+    """Schedules added, removed or changed: none breaks a producer or a worker, but a reviewer
+    wants to see that the nightly report now runs at 07:00."""
+    before = {str(s["name"]): s for s in old if isinstance(s, dict) and "name" in s}
+    after = {str(s["name"]): s for s in new if isinstance(s, dict) and "name" in s}
+    ok = Verdict.COMPATIBLE
+    for name in sorted(before.keys() | after.keys()):
+        subject = f"schedule {name}"
+        if name not in after:
+            yield Change(subject, None, "schedule", "schedule removed", ok, ok)
+        elif name not in before:
+            yield Change(subject, None, "schedule", "schedule added", ok, ok)
+        else:
+            for key in sorted(before[name].keys() | after[name].keys()):
+                was, now = before[name].get(key), after[name].get(key)
+                if was != now:
+                    text = f"{key} changed: {_short(was)} -> {_short(now)}"
+                    yield Change(subject, None, key, text, ok, ok)
+
+
+def _short(value: Any) -> str:
+    text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def report(changes: Sequence[Change], order: DeployOrder = DeployOrder.ANY) -> dict[str, Any]:

@@ -49,6 +49,11 @@ APP = amqtask.App(
     "amqp://user:secret@broker.example:5673/prod",
     [resize, resize_v2, notify, count],
     namespace="shop",
+    schedules=[
+        amqtask.schedule(
+            "nightly:resize", resize, Resize(path="all", width=64), cron="0 3 * * *", tz="UTC"
+        )
+    ],
 )
 
 
@@ -166,6 +171,7 @@ def test_send_and_receive_operations_with_replies_for_results() -> None:
         *(f"send.{task}.delayed" for task in tasks),
         *(f"receive.{task}.due" for task in tasks),
         *(f"receive.dead.{queue}" for queue in ("images", "images.resize.v2", "stats.count")),
+        "schedule.nightly_resize",
     }
 
 
@@ -224,6 +230,8 @@ def test_every_header_a_task_message_may_carry_is_described_and_only_the_task_is
         "amqtask-error",
         "amqtask-error-type",
         "amqtask-traceback",
+        "amqtask-schedule",
+        "amqtask-due",
         "traceparent",
         "tracestate",
     }
@@ -285,3 +293,17 @@ def test_delays_retries_and_dead_letters_have_channels_of_their_own() -> None:
     retry = doc["operations"]["retry.images.resize.v1"]
     assert retry["action"] == "send"
     assert retry["channel"] == {"$ref": "#/channels/delay.images"}
+
+
+def test_a_schedule_is_a_send_operation_on_its_task_s_channel() -> None:
+    doc = document(APP)
+
+    operation = doc["operations"]["schedule.nightly_resize"]
+
+    assert operation["action"] == "send"
+    assert operation["channel"] == {"$ref": "#/channels/task.images.resize.v1"}
+    assert operation["messages"] == [
+        {"$ref": "#/channels/task.images.resize.v1/messages/images.resize.v1"}
+    ]
+    assert operation["x-amqtask-schedule"]["cron"] == "0 3 * * *"
+    assert operation["x-amqtask-schedule"]["payload"] == {"path": "all", "width": 64}

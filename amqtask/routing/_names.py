@@ -14,6 +14,8 @@ The convention (also in the README):
     {namespace}.delay.deliver  topic exchange that hands delayed messages to their due queue
     {namespace}.revoke       fanout exchange of revocations (apps with a task store); each
                              worker binds an exclusive, auto-delete queue of its own to it
+    {namespace}.scheduler    quorum queue, single active consumer: the schedulers' lease and the
+                             state of the app's schedules (see `amqtask._scheduler`)
 
 `namespace` defaults to "amqtask"; apps that share a broker but must not share exchanges (tests,
 tenants) pick their own.
@@ -79,6 +81,11 @@ class Names:
     def revoke_exchange(self) -> str:
         """Fanout exchange that carries `App.revoke` to every running worker."""
         return f"{self.namespace}.revoke"
+
+    @property
+    def scheduler_queue(self) -> str:
+        """The schedulers' lease and the schedules' state (apps with schedules)."""
+        return f"{self.namespace}.scheduler"
 
     def after_level(self, level: int) -> str:
         """The exchange a message goes to once level `level` is done with it."""

@@ -268,12 +268,29 @@ def delay_levels(
     return exchanges, queues, bindings
 
 
+def scheduler_queue(names: Names, placement: Placement = Placement()) -> Queue:
+    """The schedulers' queue: a log of the schedules' state, whose single active consumer is
+    the one active scheduler (see `amqtask._scheduler`).
+
+    Quorum, so the state survives a node's loss; no delivery limit is set (on RabbitMQ 3.10
+    there is none by default), and each takeover rewrites the state anyway, so a record is
+    returned by a failing scheduler only a few times before it is replaced.
+    """
+    args: dict[str, ArgValue] = {
+        "x-queue-type": QueueType.QUORUM.value,
+        "x-single-active-consumer": True,
+        **placement.arguments(),
+    }
+    return Queue(names.scheduler_queue, arguments=arguments(args))
+
+
 def derive(
     contracts: Iterable[Contract[Any, Any]],
     names: Names | None = None,
     *,
     revocations: bool = False,
     placement: Placement = Placement(),
+    scheduler: bool = False,
 ) -> Topology:
     """Compute every exchange, queue and binding the contracts need.
 
@@ -282,6 +299,8 @@ def derive(
 
     With `revocations` (an app with a task store), also the namespace's fanout exchange that
     carries revocations to running workers; each worker binds a queue of its own to it.
+
+    With `scheduler` (an app with schedules), also the namespace's scheduler queue.
 
     Raises `ContractError` when two contracts share a queue but disagree on its arguments, or
     when a contract's queue (or a queue derived from it) takes a name amqtask derives for
@@ -297,6 +316,8 @@ def derive(
         *((Exchange(names.revoke_exchange, "fanout"),) if revocations else ()),
     )
     reserved = _reserved_names(contracts, names)
+    if scheduler:
+        reserved[names.scheduler_queue] = (f"the scheduler queue of {names.namespace!r}", None)
     queues: dict[str, tuple[Queue, Contract[Any, Any]]] = {}
     bindings: dict[Binding, None] = {}
     retired: dict[Binding, None] = {}
@@ -331,7 +352,11 @@ def derive(
         ] = None
     return Topology(
         exchanges=exchanges,
-        queues=(*(queue for queue, _ in queues.values()), *delay_queues),
+        queues=(
+            *(queue for queue, _ in queues.values()),
+            *delay_queues,
+            *((scheduler_queue(names, placement),) if scheduler else ()),
+        ),
         bindings=(*bindings, *delay_bindings),
         names=names,
         retired=tuple(binding for binding in retired if binding not in bindings),

@@ -128,7 +128,10 @@ async def test_the_official_asyncapi_parser_accepts_the_document(
     notify = amqtask.contract("users.notify", Notify, queue="notifications")
     resize = amqtask.contract("images.resize", Resize, returns=Resized, queue="images")
     resize_v2 = amqtask.contract("images.resize", Resize, returns=Resized, version=2)
-    app = amqtask.App("amqp://u:p@broker:5672/shop", [notify, resize, resize_v2])
+    nightly = amqtask.schedule("nightly", notify, Notify(user="ops", text="report"), cron="@daily")
+    app = amqtask.App(
+        "amqp://u:p@broker:5672/shop", [notify, resize, resize_v2], schedules=[nightly]
+    )
     path = tmp_path / "asyncapi.json"
     path.write_bytes(orjson.dumps(document(app)))
 
