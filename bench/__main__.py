@@ -19,6 +19,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,10 @@ import orjson
 
 import amqtask
 from bench import _scenarios as s
+from bench import schedules as bench_schedules
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
-SCENARIOS = ("send", "pipelined", "worker", "rpc", "rss", "pool", "store")
+SCENARIOS = ("send", "pipelined", "worker", "rpc", "rss", "pool", "store", "schedules")
 
 
 @dataclass
@@ -427,6 +429,57 @@ class Bench:
 
         await store.measure(self)
 
+    # --- periodic tasks: 10,000 schedules (`bench.schedules`) -----------------------------------
+
+    async def schedules(self) -> None:
+        """The active scheduler against raw aio-pika publishing the same ticks, on a clock that
+        skips idle time: due times, spread (due -> confirmed) and CPU per minute."""
+        count = self.args.schedules
+        app = bench_schedules.build(
+            self.args.url, f"{self.env.namespace}-sched", count, "aligned", datetime.now(UTC)
+        )
+        await app.declare()
+        try:
+            for layout, minutes, warmup in (("aligned", 2, 60.0), ("staggered", 1, 10.0)):
+                spreads: dict[str, list[list[float]]] = {"amqtask": [], "raw": []}
+
+                async def one(
+                    side: str,
+                    layout: str = layout,
+                    minutes: int = minutes,
+                    warmup: float = warmup,
+                    spreads: dict[str, list[list[float]]] = spreads,
+                ) -> float:
+                    for queue in (app.names.scheduler_queue, app.contracts[0].queue):
+                        await self.env.purge(queue)
+                    result = await bench_schedules.measure(
+                        app, side, layout, count, minutes, warmup
+                    )
+                    spreads[side].append(result["spread_ms"])
+                    return float(result["cpu_s_per_minute"])
+
+                label = "due at once" if layout == "aligned" else "spread over a minute"
+                name = f"{count:,} schedules {label}"
+                repeat = self.args.schedules_repeat
+                cpu = await self.compare(f"{name}, CPU s/min", one, repeat=repeat)
+                for q in (50, 99):
+                    ours = [s.percentile(runs, q) for runs in spreads["amqtask"]]
+                    raw = [s.percentile(runs, q) for runs in spreads["raw"]]
+                    goal = "goal p99 <= 100 ms: " + ("met" if s.median(ours) <= 100 else "MISSED")
+                    note = goal if q == 99 else ""
+                    self.rows.append(
+                        Row(f"{name}, due to confirmed p{q}", "ms", ours, raw, note=note)
+                    )
+                self.rows.append(
+                    Row(f"{name}, active scheduler CPU", "s/min", cpu["amqtask"], cpu["raw"])
+                )
+        finally:
+            async with self.env.connection.channel() as channel:
+                for queue in app.topology.queues:
+                    await channel.queue_delete(queue.name)
+                for exchange in app.topology.exchanges:
+                    await channel.exchange_delete(exchange.name)
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -457,6 +510,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--rss-repeat", type=int, default=1, help="repetitions of the memory runs")
     add("--pool-noop", type=int, default=5_000, help="queued no-op tasks per pool run")
     add("--pool-cpu", type=int, default=1_000, help="queued 5 ms CPU tasks per pool run")
+    add("--schedules", type=int, default=10_000, help="schedules in the schedules scenario")
+    add("--schedules-repeat", type=int, default=1, help="repetitions of the schedules runs")
     add("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS), help="what to run")
     add("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
     args = parser.parse_args(argv)
