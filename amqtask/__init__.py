@@ -1,7 +1,7 @@
 """amqtask: typed, durable task queues and RPC for Python, RabbitMQ first."""
 
 from amqtask._app import App
-from amqtask._contract import Contract, Isolation, Overflow, QueueType, Retry, contract
+from amqtask._contract import Calls, Contract, Isolation, Overflow, QueueType, Retry, contract
 from amqtask._exceptions import (
     AmqtaskError,
     AuthenticationFailed,
@@ -39,12 +39,14 @@ from amqtask._exceptions import (
     Unroutable,
     VhostRefused,
 )
+from amqtask._loops import run
 from amqtask._schedule import Misfire, Schedule, schedule
 from amqtask._scheduler import Scheduler
 from amqtask._worker import Worker, WorkerSettings
 
 __all__ = [
     # Contracts
+    "Calls",
     "Contract",
     "Isolation",
     "Overflow",
@@ -55,6 +57,7 @@ __all__ = [
     "App",
     "Worker",
     "WorkerSettings",
+    "run",
     # Periodic tasks
     "Misfire",
     "Schedule",

@@ -20,7 +20,7 @@ from pamqp.encode import field_table
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from amqtask import _tracing, _wallclock
-from amqtask._contract import Contract
+from amqtask._contract import Calls, Contract
 from amqtask._exceptions import DecodeError, InvalidReply, RemoteError
 
 CONTENT_TYPE = "application/json"
@@ -85,6 +85,7 @@ class Outgoing:
     expiration: float | None = None  # seconds
     content_encoding: str | None = None
     type: str | None = None  # the AMQP `type` property: the task name on a task message
+    persistent: bool = True  # False: delivery mode 1, the request of a transient call
 
 
 class Delivery(Protocol):
@@ -535,10 +536,12 @@ def encode_call(
     timeout: float,
 ) -> Outgoing:
     """A task message that asks for a reply: its message id doubles as the correlation id.
+    A contract with transient calls (`calls="transient"`) gets a transient message.
 
     Raises `ValidationError`, publishing nothing.
     """
     message = encode_task(contract, payload)
+    message.persistent = contract.calls is not Calls.TRANSIENT
     message.correlation_id = message.message_id
     message.reply_to = reply_to
     message.expiration = timeout

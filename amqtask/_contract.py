@@ -56,6 +56,17 @@ class Isolation(StrEnum):
     NONE = "none"  # in the worker process: `async def` on the event loop, `def` in a thread
 
 
+class Calls(StrEnum):
+    """How `App.call` publishes a contract's requests."""
+
+    # Persistent and confirmed before the wait for the reply, in the work queue.
+    DURABLE = "durable"
+    # Transient, in a classic call queue of their own, and the caller waits for the reply at
+    # once: faster, and a request in flight is lost with its broker node (the caller then gets
+    # `CallTimeout`).
+    TRANSIENT = "transient"
+
+
 @dataclass(frozen=True, slots=True)
 class Retry:
     """How a failing task is retried: on the broker, through the delay levels, with backoff.
@@ -131,6 +142,7 @@ class Contract(Generic[In, Out]):
     version: int = 1
     retry: Retry = Retry()
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    calls: Calls = Calls.DURABLE
     # Where and how long the handler runs: worker-side settings, unknown to the broker.
     time_limit: float | None = None
     soft_time_limit: float | None = None
@@ -172,6 +184,7 @@ def contract(
     version: int = 1,
     retry: Retry | None = None,
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    calls: Calls | str = Calls.DURABLE,
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
     isolation: Isolation | str | None = None,
@@ -197,6 +210,7 @@ def contract(
     version: int = 1,
     retry: Retry | None = None,
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    calls: Calls | str = Calls.DURABLE,
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
     isolation: Isolation | str | None = None,
@@ -221,6 +235,7 @@ def contract(
     version: int = 1,
     retry: Retry | None = None,
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    calls: Calls | str = Calls.DURABLE,
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
     isolation: Isolation | str | None = None,
@@ -240,6 +255,9 @@ def contract(
     `reject-publish` a full queue makes `send` raise `PublishNacked` instead of losing messages.
     `retry` is the retry policy (default `Retry()`: 5 attempts, 1 s, 2 s, 4 s, 8 s apart);
     `delivery_limit` bounds redeliveries of a message whose worker died before acking (quorum).
+    `calls="transient"` sends `App.call`'s requests as transient messages to a classic call queue
+    of the work queue's own, without waiting for their confirm: faster calls, and a request in
+    flight is lost if its broker node dies (the README's "Transient calls").
 
     Worker-side settings (the README's "Running user code safely"): `time_limit` and
     `soft_time_limit` in seconds (default: the worker's); `isolation="process"` runs the handler
@@ -288,6 +306,7 @@ def contract(
     try:
         queue_type = QueueType(queue_type)
         overflow = Overflow(overflow)
+        calls = Calls(calls)
         isolation = None if isolation is None else Isolation(isolation)
     except ValueError as exc:
         raise ContractError(f"task {name!r}: {exc}") from None
@@ -337,6 +356,7 @@ def contract(
         version=version,
         retry=Retry() if retry is None else retry,
         delivery_limit=delivery_limit,
+        calls=calls,
         time_limit=time_limit,
         soft_time_limit=soft_time_limit,
         isolation=isolation,

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, TypeAdapter
 
-from amqtask._contract import Contract, Retry
+from amqtask._contract import Calls, Contract, Retry
 from amqtask._schedule import Schedule, schedule_dict
 
 EXPORT_FORMAT = 1
@@ -67,8 +67,11 @@ def output_schema(output: Any) -> JsonSchema | None:
 
 
 def contract_dict(contract: Contract[Any, Any]) -> dict[str, Any]:
-    """One contract as plain data: identity, routing, queue settings, retry policy, schemas."""
+    """One contract as plain data: identity, routing, queue settings, retry policy, schemas;
+    `calls` only for transient calls (absent: durable, as in exports made before it existed)."""
+    transient = {"calls": contract.calls.value} if contract.calls is Calls.TRANSIENT else {}
     return {
+        **transient,
         "name": contract.name,
         "version": contract.version,
         "queue": contract.queue,
@@ -545,6 +548,16 @@ def _contract_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> Iterato
         if old.get(key) != new.get(key):
             text = f"{key} changed: {old.get(key)!r} -> {new.get(key)!r}"
             yield change(key, text, False, False, note)
+    was, now = old.get("calls", "durable"), new.get("calls", "durable")
+    if was != now:
+        # Only a worker with the transient contract consumes the call queue.
+        transient = now == Calls.TRANSIENT.value
+        note = (
+            "old workers do not consume the call queue: declare, deploy the workers, then callers"
+            if transient
+            else "new workers no longer consume the call queue: switch the callers first"
+        )
+        yield change("calls", f"calls changed: {was!r} -> {now!r}", transient, not transient, note)
     for key in _QUEUE_SETTINGS:
         if key in old and old.get(key) != new.get(key):
             yield change(

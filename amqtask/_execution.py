@@ -129,6 +129,9 @@ class LoopExecutor:
 
     async def run(self, func: Any, payload: Any) -> Any:
         if self.time_limit is None:
+            if self.soft_time_limit is None:  # no limit: no frame between the worker and it
+                result = func(payload)
+                return await result if inspect.isawaitable(result) else result
             return await self._soft(func, payload)
         try:
             async with asyncio.timeout(self.time_limit) as scope:

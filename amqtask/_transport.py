@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aio_pika
@@ -32,6 +33,7 @@ from aio_pika.abc import (
 )
 from aio_pika.connection import make_url
 
+from amqtask import _consume
 from amqtask import topology as topo
 from amqtask._codec import Delivery, Outgoing
 from amqtask._exceptions import (
@@ -82,6 +84,8 @@ class Subscription(Protocol):
 
 OnReply = Callable[[Delivery], None]
 OnLost = Callable[[BaseException | None], None]
+# Told why the broker refused a request whose confirm nobody waited for (`ReplyChannel.request`).
+OnRefused = Callable[[BaseException], None]
 
 
 class ReplyChannel(Protocol):
@@ -89,6 +93,9 @@ class ReplyChannel(Protocol):
 
     `on_reply` gets every reply; `on_lost` is told when replies to requests already published
     can no longer arrive (the channel or connection closed). Later requests work again.
+
+    `request` returns once the broker confirmed the request; given `on_refused`, once it is
+    published, and the error the confirm would have raised goes to `on_refused` instead.
     """
 
     @property
@@ -101,6 +108,7 @@ class ReplyChannel(Protocol):
         *,
         task: str,
         before_publish: Callable[[], None],
+        on_refused: OnRefused | None = None,
     ) -> None: ...
 
 
@@ -149,12 +157,12 @@ SETTLE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _properties(message: Outgoing) -> aiormq.spec.Basic.Properties:
-    """The AMQP properties of `message`, persistent."""
+    """The AMQP properties of `message`: persistent unless it says otherwise."""
     expiration = message.expiration
     return aiormq.spec.Basic.Properties(
         content_type=message.content_type,
         headers=message.headers,
-        delivery_mode=2,  # persistent
+        delivery_mode=2 if message.persistent else 1,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
         expiration=None if expiration is None else str(int(expiration * 1000)),  # milliseconds
@@ -311,6 +319,7 @@ class _AioPikaReplyChannel:
         self._on_reply, self._on_lost = on_reply, on_lost
         self._channel: AbstractRobustChannel | None = None
         self._consuming: object = None  # the AMQP channel our reply consumer runs on
+        self._confirming: set[asyncio.Future[None]] = set()  # requests whose confirm is pending
         self._opening = asyncio.Lock()  # taken only to open the channel or start the consumer
 
     async def request(
@@ -321,16 +330,42 @@ class _AioPikaReplyChannel:
         *,
         task: str,
         before_publish: Callable[[], None],
+        on_refused: OnRefused | None = None,
     ) -> None:
         """Publish a request (mandatory, confirmed) once the reply consumer runs.
 
         Waits while the connection is being restored (the caller bounds the wait). Raises like
-        `publish`, and `ConnectionLost` when the connection drops before the confirm.
+        `publish`, and `ConnectionLost` when the connection drops before the confirm. Given
+        `on_refused`, returns without waiting for the confirm, and hands it what would have
+        been raised (`Unroutable`, `PublishNacked`, `ConnectionLost`).
         """
         channel = await self._ready()
         # Only now: a call still waiting for the channel is not among those a closing channel
         # fails, so it is never both failed and published.
         before_publish()
+        if on_refused is not None:
+            confirming = asyncio.ensure_future(
+                self._confirmed(channel, exchange, routing_key, message, task=task)
+            )
+            self._confirming.add(confirming)
+            confirming.add_done_callback(partial(self._confirm_done, on_refused))
+            return
+        await self._confirmed(channel, exchange, routing_key, message, task=task)
+
+    def _confirm_done(self, on_refused: OnRefused, confirming: asyncio.Future[None]) -> None:
+        self._confirming.discard(confirming)
+        if not confirming.cancelled() and (exc := confirming.exception()) is not None:
+            on_refused(exc)
+
+    async def _confirmed(
+        self,
+        channel: AbstractRobustChannel,
+        exchange: str,
+        routing_key: str,
+        message: Outgoing,
+        *,
+        task: str,
+    ) -> None:
         try:
             await _publish(
                 channel, exchange, routing_key, message, task=task, timeout=None, mandatory=True
@@ -618,6 +653,7 @@ class AioPikaTransport:
         self._publish_channel: AbstractRobustChannel | None = None
         self._renewing = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()  # refused channels closing once idle
+        self._consumers: list[_consume.Consumer] = []
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -701,6 +737,9 @@ class AioPikaTransport:
         )
 
     async def close(self) -> None:
+        consumers, self._consumers = self._consumers, []
+        for consumer in consumers:
+            await consumer.flush()  # the acks of the last tasks, before their channels close
         connection, self._connection = self._connection, None
         self._publish_channel = None
         for task in self._retiring:
@@ -800,19 +839,21 @@ class AioPikaTransport:
         return frame_max - _PROPERTIES_ROOM
 
     async def consume(self, queue: str, on_message: OnMessage, *, prefetch: int) -> Subscription:
-        """Consume `queue` with manual acks on a channel of its own with `prefetch` in flight."""
+        """Consume `queue` with manual acks on a channel of its own with `prefetch` in flight.
+
+        Deliveries are `amqtask._consume.Delivery`s: acks are batched per channel and written
+        within 2 ms; `close` writes those still pending before the connection closes.
+        """
         channel = await self.connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch)
         # A passive declare registers the queue with the robust channel, which then re-consumes
         # it after a reconnect.
         amqp_queue = await channel.declare_queue(queue, passive=True)
-
-        async def deliver(message: AbstractIncomingMessage) -> None:
-            await on_message(message)
-
-        tag = await amqp_queue.consume(deliver, no_ack=False)
-        subscription = _AioPikaSubscription(amqp_queue, tag)
-        return subscription
+        consumer = _consume.Consumer(
+            on_message, prefetch=prefetch, settle_timeout=_consume.WRITE_TIMEOUT
+        )
+        self._consumers.append(consumer)
+        return _AioPikaSubscription(amqp_queue, await consumer.start(amqp_queue))
 
     def reply_channel(self, on_reply: OnReply, on_lost: OnLost) -> ReplyChannel:
         """A channel for calls; it opens (on this transport's connection) at the first request."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 import time
 from collections import defaultdict
@@ -31,7 +32,7 @@ import structlog
 
 from amqtask import _codec, _operator, _tracing
 from amqtask._app import App, Handler
-from amqtask._contract import Isolation, _check_limits
+from amqtask._contract import Calls, Isolation, _check_limits
 from amqtask._exceptions import AmqtaskError
 from amqtask._execution import (
     Executor,
@@ -48,7 +49,7 @@ from amqtask._metrics import WorkerMetrics
 from amqtask._pool import ChildPool, Environment, ProcessExecutor, Recycling, import_path
 from amqtask._settle import Settled, Settler
 from amqtask._transport import IncomingDelivery, Subscription
-from amqtask.routing import due_queue_name
+from amqtask.routing import call_queue_name, due_queue_name
 
 if TYPE_CHECKING:
     from amqtask.store._tracker import Tracker
@@ -151,21 +152,34 @@ class Worker:
         self._watch: asyncio.Task[None] | None = None
         self.abandoned = 0  # handlers still running when shutdown gave up on them
         self._tracker: Tracker | None = None  # with a task store (`amqtask.store._tracker`)
+        self._logs_info = True  # whether a task_succeeded line is written (set at start)
 
     @property
     def queues(self) -> tuple[str, ...]:
-        """Every queue this worker consumes: each handled work queue, then its due queue."""
+        """Every queue this worker consumes: each handled work queue, then its due queue, and
+        its call queue when a handled contract has transient calls."""
         return tuple(self._work_queue_of)
 
     @property
     def _work_queue_of(self) -> dict[str, str]:
         """Each consumed queue and the work queue whose tasks it holds.
 
-        A due queue holds the work queue's delayed sends and retries: they run with the same
-        handlers and are retried and dead-lettered under the work queue's name.
+        A due queue holds the work queue's delayed sends and retries, a call queue its transient
+        calls: they run with the same handlers and are retried, answered and dead-lettered under
+        the work queue's name.
         """
-        work = dict.fromkeys(handler.contract.queue for handler in self.app.handlers.values())
-        return {source: queue for queue in work for source in (queue, due_queue_name(queue))}
+        contracts = [handler.contract for handler in self.app.handlers.values()]
+        work = dict.fromkeys(contract.queue for contract in contracts)
+        calls = {c.queue for c in contracts if c.calls is Calls.TRANSIENT}
+        return {
+            source: queue
+            for queue in work
+            for source in (
+                queue,
+                due_queue_name(queue),
+                *((call_queue_name(queue),) if queue in calls else ()),
+            )
+        }
 
     async def start(self) -> None:
         """Connect, check the queues exist, and start consuming.
@@ -173,6 +187,7 @@ class Worker:
         Raises `TopologyMissing` when `amqtask declare` has not created the queues.
         """
         prefetch = self.settings.effective_prefetch
+        self._logs_info = _logs_info()
         self._announce(prefetch)
         try:
             await self.app.connect(queues=self.queues)
@@ -416,9 +431,12 @@ class Worker:
             _, version = _task_labels(envelope.delivery)
             reason = settled.details.get("reason")
             self.metrics.outcome(outcome, task, version, seconds, reason)
-        level = (
-            log.info if outcome in ("succeeded", "retried", "revoked", "skipped") else log.warning
-        )
+        if outcome in _INFO_OUTCOMES:
+            if not self._logs_info:
+                return  # filtered out: build no line
+            level = log.info
+        else:
+            level = log.warning
         level(
             "call_expired" if outcome == "expired" else f"task_{outcome}",
             task=task,
@@ -427,6 +445,16 @@ class Worker:
             outcome=outcome,
             **settled.details,
         )
+
+
+_INFO_OUTCOMES = frozenset({"succeeded", "retried", "revoked", "skipped"})
+
+
+def _logs_info() -> bool:
+    """Whether the worker's log writes info events (per-task lines) under the logging
+    configuration in force: below that level, a task's outcome costs no line built."""
+    enabled = getattr(log, "is_enabled_for", None)
+    return True if enabled is None else bool(enabled(logging.INFO))
 
 
 def _task_labels(delivery: _codec.Delivery) -> tuple[str, str]:

@@ -12,6 +12,8 @@ from amqtask.routing._delay import (
 from amqtask.routing._names import (
     DEFAULT_NAMESPACE,
     Names,
+    call_queue_name,
+    call_routing_key,
     dead_letter_queue_name,
     default_queue_name,
     due_queue_name,
@@ -28,6 +30,8 @@ __all__ = [
     "level_ttl_ms",
     "DEFAULT_NAMESPACE",
     "Names",
+    "call_queue_name",
+    "call_routing_key",
     "dead_letter_queue_name",
     "default_queue_name",
     "due_queue_name",

@@ -6,6 +6,9 @@ The convention (also in the README):
     {queue}                  a contract's work queue (default: the task name, `.v{N}` from v2 on)
     {namespace}.dead         direct exchange for dead letters, routing key = the work queue's name
     {queue}.dead             the work queue's dead-letter queue
+    {queue}.calls            the work queue's call queue, for contracts with transient calls:
+                             classic, holding transient requests routed by
+                             {task}.v{version}.call; consumed by the same workers
     {queue}.due              the work queue's due queue: delayed sends and retries whose delay is
                              over, consumed by the same workers; never bounded, so the delay
                              levels' last hop is never refused (see `amqtask.topology._model`)
@@ -48,6 +51,16 @@ def dead_letter_queue_name(queue: str) -> str:
 def due_queue_name(queue: str) -> str:
     """Due queue of work queue `queue`: where its delayed sends and retries arrive."""
     return f"{queue}.due"
+
+
+def call_queue_name(queue: str) -> str:
+    """Call queue of work queue `queue`: where the requests of its transient calls wait."""
+    return f"{queue}.calls"
+
+
+def call_routing_key(task: str, version: int) -> str:
+    """Routing key of a transient call's request on the task exchange (to the call queue)."""
+    return f"{routing_key(task, version)}.call"
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,12 @@
 Replies come over RabbitMQ direct reply-to: one consumer on the channel that publishes the
 requests, no reply queue. Each call in flight has a future in a map keyed by correlation id, so any
 number of calls share the channel without a lock between them.
+
+A contract with transient calls (`calls="transient"`) sends its requests as transient messages to
+its call queue and waits for the reply without first waiting for the broker's confirm: the
+confirm arrives while the worker runs the task. A refusal it brings (returned: no call queue; a
+nack: the queue is full) fails the call at once, unless the reply came first; so does a
+connection lost before the reply, as for any call.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import structlog
 from pydantic import BaseModel
 
 from amqtask import _codec, _tracing
-from amqtask._contract import Contract
+from amqtask._contract import Calls, Contract
 from amqtask._exceptions import CallTimeout, ConnectionLost
 from amqtask._transport import ReplyChannel, Transport
+from amqtask.routing import call_queue_name, call_routing_key
 
 log = structlog.get_logger("amqtask.rpc")
 
@@ -58,10 +65,22 @@ class Caller:
         message = _codec.encode_call(contract, payload, reply_to=channel.reply_to, timeout=timeout)
         correlation_id = message.message_id
         pending = _Pending(contract.name, asyncio.get_running_loop().create_future())
+        transient = contract.calls is Calls.TRANSIENT
+        if transient:
+            routing_key = call_routing_key(contract.name, contract.version)
+            queue = call_queue_name(contract.queue)
+        else:
+            routing_key, queue = contract.routing_key, contract.queue
 
         def register() -> None:
             # Just before the publish: the reply can arrive before the publish is confirmed.
             self._pending[correlation_id] = pending
+
+        def refused(exc: BaseException) -> None:
+            # A transient request's confirm came back a refusal: no reply will come. A reply that
+            # came first has answered the call already.
+            if not pending.reply.done():
+                pending.reply.set_exception(exc)
 
         span = None
         if _tracing.ENABLED:
@@ -70,7 +89,7 @@ class Caller:
             span = _tracing.start_send(
                 message.headers,
                 exchange=self._exchange,
-                routing_key=contract.routing_key,
+                routing_key=routing_key,
                 destination=contract.routing_key,
                 message_id=message.message_id,
                 correlation_id=correlation_id,
@@ -82,17 +101,18 @@ class Caller:
             async with asyncio.timeout(timeout):
                 await channel.request(
                     self._exchange,
-                    contract.routing_key,
+                    routing_key,
                     message,
                     task=contract.name,
                     before_publish=register,
+                    on_refused=refused if transient else None,
                 )
                 reply = await pending.reply
             result = _codec.decode_reply(contract, reply)
         except TimeoutError:
             error: BaseException = CallTimeout(
                 f"task {contract.name!r}: no reply within {timeout} s (is a worker consuming "
-                f"queue {contract.queue!r}?). The request expires unprocessed if no worker took it "
+                f"queue {queue!r}?). The request expires unprocessed if no worker took it "
                 "in time; a worker that already had it may still finish it.",
                 task=contract.name,
                 correlation_id=correlation_id,

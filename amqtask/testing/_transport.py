@@ -13,7 +13,14 @@ from collections.abc import Callable, Iterable
 from amqtask import topology as topo
 from amqtask._codec import Outgoing
 from amqtask._exceptions import ConnectionLost, NotConnected, PublishInterrupted
-from amqtask._transport import OnLost, OnMessage, OnReply, ReplyChannel, Subscription
+from amqtask._transport import (
+    OnLost,
+    OnMessage,
+    OnRefused,
+    OnReply,
+    ReplyChannel,
+    Subscription,
+)
 from amqtask.testing._broker import HEADER_BUDGET, MemoryBroker, _Consumer
 from amqtask.testing._messages import (
     CURRENT_DELIVERY,
@@ -51,7 +58,10 @@ class _MemoryReplyChannel:
         *,
         task: str,
         before_publish: Callable[[], None],
+        on_refused: OnRefused | None = None,
     ) -> None:
+        # The in-memory broker answers a publish at once: a refusal is raised here, whether or
+        # not the caller waits for the confirm (`on_refused`).
         transport = self._transport
         transport.require_connected()
         broker = transport.broker

@@ -6,11 +6,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from amqtask._contract import Contract, LeaderLocator, Overflow, QueueType
+from amqtask._contract import Calls, Contract, LeaderLocator, Overflow, QueueType
 from amqtask._exceptions import ContractError
 from amqtask.routing import (
     DELAY_LEVELS,
     Names,
+    call_queue_name,
+    call_routing_key,
     dead_letter_queue_name,
     deliver_pattern,
     due_queue_name,
@@ -229,6 +231,28 @@ def _consumed_arguments(
     return arguments(args)
 
 
+def call_queue(contract: Contract[Any, Any], names: Names) -> Queue:
+    """The queue a contract's transient calls wait in (`calls="transient"`).
+
+    Classic and durable: the queue survives a restart (it is part of the declared topology),
+    the transient requests in it do not. A classic queue takes a transient message without a
+    disk write or a Raft round; a request is worth no more, since its caller gives up at its
+    timeout anyway. Requests that expire in it are dead-lettered to the work queue's
+    dead-letter queue, like those of durable calls; `max_length` bounds it like the work queue.
+    No delivery limit (classic queues have none): a request that kills its worker is redelivered
+    until it expires, and a worker drops one whose caller stopped waiting unrun.
+    """
+    args: dict[str, ArgValue] = {
+        "x-queue-type": QueueType.CLASSIC.value,
+        "x-dead-letter-exchange": names.dead_letter_exchange,
+        "x-dead-letter-routing-key": contract.queue,
+    }
+    if contract.max_length is not None:
+        args["x-max-length"] = contract.max_length
+        args["x-overflow"] = contract.overflow.value
+    return Queue(call_queue_name(contract.queue), arguments=arguments(args))
+
+
 def dead_letter_queue(contract: Contract[Any, Any], placement: Placement = Placement()) -> Queue:
     args: dict[str, ArgValue] = {"x-queue-type": contract.queue_type.value}
     if contract.queue_type is QueueType.QUORUM:
@@ -304,7 +328,10 @@ def derive(
 
     Raises `ContractError` when two contracts share a queue but disagree on its arguments, or
     when a contract's queue (or a queue derived from it) takes a name amqtask derives for
-    something else: another queue's due or dead-letter queue, or a delay level.
+    something else: another queue's due, dead-letter or call queue, or a delay level.
+
+    A contract with transient calls (`calls="transient"`) also gets its work queue's call queue
+    (see `call_queue`), bound to the task exchange with the call routing key.
     """
     names = names or Names()
     contracts = list(contracts)
@@ -327,6 +354,7 @@ def derive(
             work_queue(contract, names, placement),
             due_queue(contract, names, placement),
             dead_letter_queue(contract, placement),
+            *((call_queue(contract, names),) if contract.calls is Calls.TRANSIENT else ()),
         ):
             seen = queues.setdefault(queue.name, (queue, contract))
             if seen[0] != queue:
@@ -335,6 +363,9 @@ def derive(
                     f"with different settings: {dict(seen[0].arguments)} != {dict(queue.arguments)}"
                 )
         bindings[Binding(names.task_exchange, contract.queue, contract.routing_key)] = None
+        if contract.calls is Calls.TRANSIENT:
+            calls = call_routing_key(contract.name, contract.version)
+            bindings[Binding(names.task_exchange, call_queue_name(contract.queue), calls)] = None
         # The delay key ends in the work queue's name; its last hop goes to the due queue.
         deliver = deliver_pattern(contract.queue)
         bindings[Binding(names.delay_deliver_exchange, due_queue_name(contract.queue), deliver)] = (
@@ -376,6 +407,7 @@ def _reserved_names(
         for name, what in (
             (due_queue_name(contract.queue), "due queue"),
             (dead_letter_queue_name(contract.queue), "dead-letter queue"),
+            *_call_queue_of(contract),
         ):
             reserved.setdefault(name, (f"the {what} of {owner}", contract.queue))
     return reserved
@@ -384,13 +416,14 @@ def _reserved_names(
 def _check_not_reserved(
     contract: Contract[Any, Any], reserved: Mapping[str, tuple[str, str | None]]
 ) -> None:
-    """Raise `ContractError` when the contract's queue, or its due or dead-letter queue, takes
-    a name reserved for another queue's due or dead-letter queue or for a delay level."""
+    """Raise `ContractError` when the contract's queue, or its due, dead-letter or call queue,
+    takes a name reserved for another queue's due, dead-letter or call queue or a delay level."""
     queue = contract.queue
     for subject, name in (
         ("queue", queue),
         (f"queue {queue!r}: its due queue", due_queue_name(queue)),
         (f"queue {queue!r}: its dead-letter queue", dead_letter_queue_name(queue)),
+        *((f"queue {queue!r}: its {what}", name) for name, what in _call_queue_of(contract)),
     ):
         what, owner = reserved.get(name, ("", queue))
         if owner != queue:
@@ -398,3 +431,10 @@ def _check_not_reserved(
                 f"task {contract.name!r}: {subject} {name!r} clashes with {what}; "
                 "pick another queue name"
             )
+
+
+def _call_queue_of(contract: Contract[Any, Any]) -> tuple[tuple[str, str], ...]:
+    """(name, "call queue") for a contract with transient calls, else nothing."""
+    if contract.calls is Calls.TRANSIENT:
+        return ((call_queue_name(contract.queue), "call queue"),)
+    return ()

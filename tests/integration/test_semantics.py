@@ -367,10 +367,11 @@ async def test_messages_that_are_not_tasks_are_dead_lettered_with_their_reason(
 # --- calls --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("calls", ["durable", "transient"])
 async def test_a_call_returns_its_result_and_a_failing_handler_answers_with_remote_error(
-    env: Env, unique: str
+    env: Env, unique: str, calls: str
 ) -> None:
-    double = amqtask.contract(f"{unique}.double", Job, returns=Doubled)
+    double = amqtask.contract(f"{unique}.double", Job, returns=Doubled, calls=calls)
     app = env.app([double])
     runs: list[int] = []
 
@@ -405,14 +406,17 @@ async def test_a_call_returns_its_result_and_a_failing_handler_answers_with_remo
     ]
 
 
+@pytest.mark.parametrize("calls", ["durable", "transient"])
 async def test_a_call_nobody_serves_times_out_and_the_broker_dead_letters_its_request(
-    env: Env, unique: str
+    env: Env, unique: str, calls: str
 ) -> None:
-    double = amqtask.contract(f"{unique}.double", Job, returns=Doubled)
+    double = amqtask.contract(f"{unique}.double", Job, returns=Doubled, calls=calls)
+    # Where the request waits: the work queue, or for transient calls its call queue.
+    waits_in = double.queue if calls == "durable" else f"{double.queue}.calls"
     app = env.app([double])  # no handler: nothing consumes the queue
     async with env.running(app):
         started = now()
-        with pytest.raises(amqtask.CallTimeout, match=f"no reply within 1 s.*{double.queue}"):
+        with pytest.raises(amqtask.CallTimeout, match=f"no reply within 1 s.*'{waits_in}'"):
             await env.finish(app.call(double, Job(n=1), timeout=1))
         waited = now() - started
         (letter,) = await env.dead_letters(double.queue, 1)
@@ -420,7 +424,7 @@ async def test_a_call_nobody_serves_times_out_and_the_broker_dead_letters_its_re
     assert 1 <= waited < 2
     assert last_death_reason(letter.headers) == "expired"
     assert letter.headers["x-first-death-reason"] == "expired"
-    assert letter.headers["x-first-death-queue"] == double.queue
+    assert letter.headers["x-first-death-queue"] == waits_in
     (death,) = letter.headers["x-death"]
     assert death["reason"] == "expired"
     assert death["count"] == 1
