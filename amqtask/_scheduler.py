@@ -310,6 +310,12 @@ class _Session:
         except _SESSION_ENDS as exc:
             if not owner._stop.is_set():
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except Exception as exc:
+            # Whatever else went wrong (a record refused or unconfirmed, a bug): this session
+            # ends, its connection closes so that another replica can take over, and this one
+            # reconnects as a standby. A replica never stops scheduling on an error.
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("scheduler_failed", error=reason, exc_info=True)
         finally:
             was_active, owner.active = owner.active, False
             if owner.metrics is not None:
