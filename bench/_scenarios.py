@@ -252,7 +252,7 @@ class Usage:
     machine_busy: float
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
@@ -300,8 +300,8 @@ class _Snapshot:
     def take(cls, running: Running, broker: int | None) -> _Snapshot:
         pids = [p for process in running.processes for p in _process_tree(process.pid)]
         return cls(
-            consumers=sum(map(_cpu_seconds, pids)),
-            broker=_cpu_seconds(broker) if broker else 0.0,
+            consumers=sum(map(cpu_seconds, pids)),
+            broker=cpu_seconds(broker) if broker else 0.0,
             machine=_machine_jiffies(),
         )
 
@@ -366,16 +366,24 @@ async def worker_peak_rss(env: Env, command: list[str], count: int) -> float:
 
 
 class RawCaller:
-    """aio-pika RPC over direct reply-to: confirmed, mandatory requests, a future per call."""
+    """aio-pika RPC over direct reply-to: confirmed, mandatory requests, a future per call;
+    persistent requests, or transient ones (`persistent=False`)."""
 
-    def __init__(self, channel: AbstractChannel, exchange: AbstractExchange, key: str) -> None:
+    def __init__(
+        self, channel: AbstractChannel, exchange: AbstractExchange, key: str, persistent: bool
+    ) -> None:
         self.channel, self.exchange, self.key = channel, exchange, key
         self.pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
+        self.mode = (
+            aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+        )
 
     @classmethod
-    async def open(cls, connection: AbstractConnection, exchange: str, key: str) -> RawCaller:
+    async def open(
+        cls, connection: AbstractConnection, exchange: str, key: str, *, persistent: bool = True
+    ) -> RawCaller:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        caller = cls(channel, await channel.get_exchange(exchange, ensure=False), key)
+        caller = cls(channel, await channel.get_exchange(exchange, ensure=False), key, persistent)
         replies = await channel.get_queue(REPLY_TO, ensure=False)
         await replies.consume(caller.on_reply, no_ack=True)
         return caller
@@ -395,7 +403,7 @@ class RawCaller:
             correlation_id=correlation_id,
             reply_to=REPLY_TO,
             expiration=30,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=self.mode,
         )
         await self.exchange.publish(message, self.key, mandatory=True)
         return orjson.loads((await asyncio.wait_for(future, 30)).body)

@@ -2,11 +2,13 @@
 
     python -m bench.raw consume QUEUE --prefetch 50
     python -m bench.raw respond QUEUE --prefetch 100
+    python -m bench.raw rpc-pattern METHOD --prefetch 100
 
 What a careful user would write with aio-pika alone: a robust connection, manual acks, the body
 decoded with orjson (no validation), one task per delivery (aio-pika's own). The responder
 replies through the default exchange on its channel (publisher confirms on, aio-pika's default)
-and acks after the reply. SIGTERM or SIGINT stops it.
+and acks after the reply. `rpc-pattern` serves METHOD with aio-pika's `patterns.RPC` (which
+declares the method's queue itself), the peer of amqtask's calls. SIGTERM or SIGINT stops it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import signal
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.patterns import RPC
 
 from bench._timeline import Timeline
 
@@ -35,7 +38,6 @@ async def main(mode: str, queue_name: str, prefetch: int) -> None:
     async with connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
-        queue = await channel.declare_queue(queue_name, passive=True)
 
         async def consume(message: AbstractIncomingMessage) -> None:
             orjson.loads(message.body)
@@ -56,6 +58,17 @@ async def main(mode: str, queue_name: str, prefetch: int) -> None:
             )
             await message.ack()
 
+        if mode == "rpc-pattern":
+            rpc = await RPC.create(channel)
+
+            async def echo(*, n: int, user: str, text: str) -> dict[str, int]:
+                return {"n": n}
+
+            await rpc.register(queue_name, echo, auto_delete=True)
+            await stop.wait()
+            await rpc.close()
+            return
+        queue = await channel.declare_queue(queue_name, passive=True)
         tag = await queue.consume(consume if mode == "consume" else respond)
         await stop.wait()
         await queue.cancel(tag)
@@ -63,7 +76,7 @@ async def main(mode: str, queue_name: str, prefetch: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.raw")
-    parser.add_argument("mode", choices=["consume", "respond"])
+    parser.add_argument("mode", choices=["consume", "respond", "rpc-pattern"])
     parser.add_argument("queue")
     parser.add_argument("--prefetch", type=int, default=50)
     args = parser.parse_args()
