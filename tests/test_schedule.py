@@ -12,6 +12,9 @@ from pydantic import BaseModel, ValidationError
 import amqtask
 from amqtask._evolution import check, dumps, export, loads
 from amqtask._schedule import Decision, Misfire, decide, iso, ms, tick_message_id
+from amqtask._schedule_admin import Listing, Source, render
+from amqtask._schedule_admin import report as report_of
+from amqtask._schedule_state import Identity, Progress, Snapshot
 
 BERLIN = ZoneInfo("Europe/Berlin")
 MINUTE = 60_000
@@ -258,3 +261,39 @@ def test_the_export_lists_the_schedules_and_check_shows_their_changes_as_compati
         ("schedule nightly", "cron", 'cron changed: "0 6 * * *" -> "0 7 * * *"'),
     ]
     assert not any(change.breaking for change in changes)
+
+
+# --- amqtask schedules: the listing -----------------------------------------------------------
+
+
+def test_the_listing_shows_each_schedule_its_next_due_time_last_tick_and_who_is_active() -> None:
+    nightly = amqtask.schedule("nightly", report, Report(kind="x"), cron="0 6 * * *", tz="UTC")
+    beat = amqtask.schedule("beat", ping, Ping(), every=30)
+    app = amqtask.App("amqp://localhost/", [report, ping], schedules=[nightly, beat])
+    now = at(2025, 1, 1, 12, tz=UTC)
+    leader = Identity("host-a", 41, "abc", since=now - 60_000)
+    state = Snapshot(
+        {"beat": Progress(cursor=now, fired=now, paused=True, paused_at=now)}, leader, now
+    )
+
+    active = report_of(app, Listing(Source.ACTIVE, state), now + 1)
+    offline = report_of(app, Listing(Source.BROKER, state), now + 1)
+    unknown = report_of(app, Listing(Source.UNKNOWN, None), now + 1)
+
+    rows = {row["name"]: row for row in active["schedules"]}
+    assert rows["nightly"]["next_due"] == "2025-01-02T06:00:00Z"
+    assert rows["nightly"]["last_fired"] is None
+    assert rows["nightly"]["paused"] is False
+    assert rows["beat"]["next_due"] == "2025-01-01T12:00:30Z"
+    assert rows["beat"]["last_fired"] == "2025-01-01T12:00:00Z"
+    assert rows["beat"]["last_message_id"] == tick_message_id("beat", now)
+    assert rows["beat"]["paused"] is True
+    assert active["active"]["pid"] == 41
+    assert active["active"]["since"] == "2025-01-01T11:59:00Z"
+    assert render(active).splitlines()[0] == (
+        "active scheduler: host-a pid 41 since 2025-01-01T11:59:00Z"
+    )
+    assert offline["active"] is None
+    assert render(offline).startswith("active scheduler: none (last active: host-a pid 41)")
+    assert {row["paused"] for row in unknown["schedules"]} == {None}
+    assert "did not answer" in render(unknown)

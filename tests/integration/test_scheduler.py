@@ -558,3 +558,37 @@ def free_port() -> int:
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
         return str(answer.read().decode())
+
+
+async def test_with_no_scheduler_running_the_state_is_read_off_the_broker_and_kept(
+    make_app: AppFactory, unique: str
+) -> None:
+    tick = amqtask.contract(f"{unique}.tick", Tick)
+    app = make_app([tick], schedules=[amqtask.schedule("beat", tick, Tick(), every=60)])
+    await app.declare()
+    start = datetime(2030, 1, 1, 10, 0, tzinfo=UTC)
+    clock = ManualClock(minute(start, 0))
+    first = amqtask.Scheduler(app, clock=clock)
+    async with running(first):
+        await wait_for(lambda: first.active)
+        await clock.move_to(minute(start, 1))
+        await clock.settled()
+
+    read = await read_state(app, timeout=1)
+    again = await read_state(app, timeout=1)  # the first read wrote the state back
+    second = amqtask.Scheduler(app, clock=clock)
+    async with running(second):
+        await wait_for(lambda: second.active)
+        await clock.settled()
+        answered = await read_state(app)
+
+    fired = ms(start + timedelta(minutes=1))
+    for listing in (read, again):
+        assert listing.source == Source.BROKER
+        assert listing.state is not None
+        assert listing.state.schedules["beat"].fired == fired
+        assert listing.state.leader is not None
+        assert listing.state.leader.pid == os.getpid()
+    assert answered.source == Source.ACTIVE
+    assert answered.state is not None
+    assert answered.state.schedules["beat"].fired == fired  # the next leader read it too
