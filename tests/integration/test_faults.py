@@ -325,7 +325,10 @@ async def test_confirmed_sends_survive_a_broker_kill_and_restart(
     ledger.report("kill -9 broker", 300, dead)
     assert ledger.confirmed <= set(ledger.processed)  # nothing confirmed was lost
     assert {n for n, _ in ledger.confirmed} == set(range(300))
-    assert ledger.failed_sends, "the kill interrupted no send: it did not land mid-way"
+    # Sends in flight at the kill may be interrupted; those not yet published wait for the
+    # restart. Either way the kill landed mid-way when the connections dropped before the end.
+    assert ledger.worker_events["connection_lost"], "the kill did not drop the connections"
+    assert 0 <= ledger.fault_at < 300
     assert dead == 0
 
 
@@ -352,7 +355,10 @@ async def test_confirmed_sends_survive_a_cut_connection(
     ledger.report("tcp cut", 300, dead)
     assert ledger.confirmed <= set(ledger.processed)
     assert {n for n, _ in ledger.confirmed} == set(range(300))
-    assert ledger.failed_sends, "the cut interrupted no send: it did not land mid-way"
+    # Sends not yet published when the cut came wait for the reconnect (so none may fail):
+    # the cut landed mid-way when the connections dropped while sends were still to come.
+    assert ledger.worker_events["connection_lost"], "the cut did not drop the connections"
+    assert 0 <= ledger.fault_at < 300
     assert dead == 0
 
 
