@@ -182,8 +182,7 @@ class AckBatch:
 
 class Delivery:
     """One delivery as the worker reads it (`IncomingDelivery`): its properties are read from
-    aiormq's frame (or aio-pika's message) when asked for; `ack` and `reject` go through the
-    channel's `AckBatch`."""
+    the frame's when asked for; `ack` and `reject` go through the channel's `AckBatch`."""
 
     __slots__ = (
         "_acks",
@@ -199,7 +198,7 @@ class Delivery:
     def __init__(
         self,
         body: bytes,
-        properties: Any,  # aiormq's `Basic.Properties`, or aio-pika's message (same names)
+        properties: Any,  # pamqp's `Basic.Properties`: read lazily, only what is asked for
         delivery_tag: int,
         redelivered: bool | None,
         exchange: str | None,
@@ -243,6 +242,12 @@ class Delivery:
     @property
     def reply_to(self) -> str | None:
         value: str | None = self._properties.reply_to
+        return value
+
+    @property
+    def type(self) -> str | None:
+        """The AMQP `type` (a task message's task name): retries and dead letters keep it."""
+        value: str | None = self._properties.message_type
         return value
 
     def _settle(self) -> None:
@@ -328,7 +333,7 @@ class Consumer:
         await self._on_message(
             Delivery(
                 message.body,
-                message,
+                message.properties,
                 message.delivery_tag,
                 message.redelivered,
                 message.exchange,

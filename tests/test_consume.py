@@ -207,6 +207,7 @@ def deliver_frame(tag: int, channel: FakeChannel) -> Any:
         content_encoding=None,
         correlation_id=None,
         reply_to=None,
+        message_type="jobs.run",
     )
     return SimpleNamespace(
         body=b"{}",
@@ -262,6 +263,7 @@ async def test_a_delivery_reads_its_properties_and_is_settled_once() -> None:
         None,
         None,
     )
+    assert delivery.type == "jobs.run"  # what a retry or dead letter copies
     await delivery.ack()
     with pytest.raises(aio_pika.exceptions.MessageProcessError):
         await delivery.reject(requeue=True)  # a second settle would void the channel
@@ -282,12 +284,7 @@ async def test_a_delivery_through_aio_pika_puts_the_direct_callback_on_its_chann
     incoming = SimpleNamespace(
         channel=channel,
         body=b"{}",
-        headers=None,
-        message_id="m-1",
-        content_type=None,
-        content_encoding=None,
-        correlation_id=None,
-        reply_to=None,
+        properties=SimpleNamespace(headers=None, message_type=None),
         delivery_tag=1,
         redelivered=True,
         exchange="",

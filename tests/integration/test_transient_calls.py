@@ -91,6 +91,7 @@ async def test_one_worker_answers_transient_and_durable_calls_and_dead_letters_f
     assert failed.value.remote_type == "builtins.ValueError"
     assert letter.headers["amqtask-reason"] == "handler_error"
     assert letter.headers["amqtask-queue"] == double.queue  # under the work queue's name
+    assert letter.type == double.name  # the request's AMQP type, kept on the copy
     assert await queue_depth(amqp, f"{double.queue}.calls") == 0
 
 
