@@ -1164,10 +1164,11 @@ def revoke(app_path: str, task_id: str, terminate: bool) -> None:
 def rebalance(app_path: str, management_url: str | None, as_json: bool) -> None:
     """Spread quorum queue leaders evenly over the cluster's nodes; show APP's.
 
-    A node that comes back after a failure leads no queue: every queue it led elected a leader
-    elsewhere meanwhile, and the others now carry its load. This asks the management API to
-    rebalance (every queue of the cluster, as `rabbitmq-queues rebalance all` does), waits up to
-    15 s for APP's queues' leaders to spread, and prints where they are. Needs
+    A node that comes back after a failure leads fewer queues than before: the queues it led
+    elected leaders elsewhere meanwhile, and the others carry its load. This asks the management
+    API to
+    rebalance (every queue of the cluster, as `rabbitmq-queues rebalance all` does), waits up
+    to 15 s for APP's queues' leaders to spread, and prints where they are. Needs
     --management-url (or AMQTASK_MANAGEMENT_URL).
 
     \b

@@ -6,7 +6,7 @@ AMQP shows none of this. The management API does (`GET /api/queues/{vhost}/{name
 placed when it is created (`x-quorum-initial-group-size`, `x-queue-leader-locator`); later the
 operator moves them: `rabbitmq-queues grow NODE all` adds replicas on a node that joined, and a
 rebalance (`amqtask rebalance`, or `rabbitmq-queues rebalance quorum`) spreads the leaders again
-after a node came back, since every queue it led elected a leader elsewhere meanwhile.
+after a node came back, since the queues it led elected leaders elsewhere meanwhile.
 
 The report is pure; reading it and asking for a rebalance are the only I/O.
 """
@@ -43,12 +43,17 @@ def _wanted_replicas(queue: topo.Queue) -> int:
 
 
 def placement_report(
-    topology: topo.Topology, stats: Mapping[str, QueueStats], nodes: Sequence[str]
+    topology: topo.Topology,
+    stats: Mapping[str, QueueStats],
+    nodes: Sequence[str],
+    all_leaders: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Per quorum queue of `topology` that exists: leader, members, members online and the
-    replicas wanted; leaders per running node (`nodes`); and warnings for a queue with a member
+    replicas wanted; leaders per running node (`nodes`), of these queues and of all the
+    cluster's quorum queues (`all_leaders`, when known); and warnings for a queue with a member
     down, fewer replicas than wanted (where the cluster has the nodes for them), no quorum, or
-    leaders spread unevenly."""
+    leaders spread unevenly over the nodes (judged on all the cluster's quorum queues: the
+    balanced locator and a rebalance even those out, not one app's)."""
     rows: list[dict[str, Any]] = []
     warnings: list[str] = []
     leaders: Counter[str] = Counter({node: 0 for node in nodes})
@@ -88,13 +93,21 @@ def placement_report(
                 "wanted (it was created while fewer nodes ran): add them with "
                 "`rabbitmq-queues grow NODE all` on each node that lacks one"
             )
-    if not balanced([leaders[node] for node in nodes]):
+    overall = Counter({node: 0 for node in nodes})
+    overall.update(all_leaders if all_leaders is not None else leaders)
+    if rows and not balanced([overall[node] for node in nodes]):
         warnings.append(
             "leaders are spread unevenly over the nodes (a node came back, or queues were "
             "declared without a balanced leader locator): run `amqtask rebalance APP` or "
             "`rabbitmq-queues rebalance quorum`"
         )
-    return {"queues": rows, "leaders": dict(leaders), "nodes": list(nodes), "warnings": warnings}
+    return {
+        "queues": rows,
+        "leaders": dict(leaders),
+        "all_leaders": dict(overall),
+        "nodes": list(nodes),
+        "warnings": warnings,
+    }
 
 
 def balanced(counts: Sequence[int]) -> bool:
@@ -115,10 +128,23 @@ def render_placement(report: Mapping[str, Any]) -> str:
             f"members online {len(row['online'])}/{len(row['members'])} "
             f"(replicas wanted {row['replicas']})"
         )
-    spread = ", ".join(f"{node}: {count}" for node, count in sorted(report["leaders"].items()))
-    lines.append(f"leaders per node: {spread or 'none'}")
+    for label, key in (("these queues", "leaders"), ("all quorum queues", "all_leaders")):
+        spread = ", ".join(f"{node}: {count}" for node, count in sorted(report[key].items()))
+        lines.append(f"leaders per node ({label}): {spread or 'none'}")
     lines.extend(f"warning: {warning}" for warning in report["warnings"])
     return "\n".join(lines)
+
+
+def all_leaders(management: Management) -> Counter[str]:
+    """How many quorum queues (of every vhost) each node leads. Raises `ManagementUnavailable`."""
+    answer = management.get("/queues?columns=type,leader") or []
+    return Counter(
+        queue["leader"]
+        for queue in answer
+        if isinstance(queue, Mapping)
+        and queue.get("type") == "quorum"
+        and isinstance(queue.get("leader"), str)
+    )
 
 
 def running_nodes(management: Management) -> list[str]:
@@ -140,7 +166,10 @@ async def read_placement(
     def read() -> dict[str, Any]:
         names = [queue.name for queue in quorum_queues(topology)]
         return placement_report(
-            topology, management.queues(vhost, names), running_nodes(management)
+            topology,
+            management.queues(vhost, names),
+            running_nodes(management),
+            all_leaders(management),
         )
 
     return await asyncio.to_thread(read)
@@ -156,7 +185,7 @@ async def rebalance(
 ) -> dict[str, Any]:
     """Ask the cluster to spread queue leaders evenly (`POST /api/rebalance/queues`: every
     queue of every vhost, as `rabbitmq-queues rebalance all` does), wait up to `settle` seconds
-    for `topology`'s leaders to spread, and return their placement report.
+    for the leaders to spread, and return `topology`'s placement report.
 
     RabbitMQ moves the leaders in the background, a few seconds for dozens of queues.
     Raises `ManagementUnavailable`.
@@ -167,5 +196,5 @@ async def rebalance(
     while True:
         await asyncio.sleep(interval)
         report = await read_placement(management, vhost, topology)
-        if balanced(list(report["leaders"].values())) or loop.time() > deadline:
+        if balanced(list(report["all_leaders"].values())) or loop.time() > deadline:
             return report

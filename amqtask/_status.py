@@ -255,7 +255,9 @@ class Management:
         request = urllib.request.Request(f"{base}/api{path}", method=method)
         token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
-        request.add_header("Accept", "application/json")
+        # A POST answers with no content: RabbitMQ refuses it (406) to a client that accepts
+        # JSON only.
+        request.add_header("Accept", "application/json" if method == "GET" else "*/*")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 body = response.read()

@@ -350,7 +350,29 @@ class _AioPikaReplyChannel:
             self._confirming.add(confirming)
             confirming.add_done_callback(partial(self._confirm_done, on_refused))
             return
-        await self._confirmed(channel, exchange, routing_key, message, task=task)
+        pause = 0.05
+        while True:
+            try:
+                await self._confirmed(channel, exchange, routing_key, message, task=task)
+                return
+            except PublishNacked:
+                # In a cluster a queue refuses requests while it has no leader (its node died a
+                # moment ago), and a channel opened in that moment goes on refusing: try again,
+                # on a new channel, until the caller's timeout.
+                await self._renew(channel)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+            channel = await self._ready()
+
+    async def _renew(self, refused: AbstractRobustChannel) -> None:
+        """Publish requests on a new channel from now on; `refused` keeps consuming the replies
+        of its calls in flight for `_RETIRE_AFTER` seconds, then closes without failing any."""
+        async with self._opening:
+            if self._channel is not refused:
+                return  # renewed already
+            self._channel, self._consuming = None, None
+        refused.close_callbacks.discard(self._closed)
+        self._transport.retire(refused, after=_RETIRE_AFTER)
 
     def _confirm_done(self, on_refused: OnRefused, confirming: asyncio.Future[None]) -> None:
         self._confirming.discard(confirming)
@@ -406,17 +428,21 @@ class _AioPikaReplyChannel:
         self._on_lost(exc)
 
 
-_RETIRE_AFTER = 30.0  # seconds a refused publish channel stays open for its other confirms
+_RETIRE_AFTER = 30.0  # seconds a refused channel stays open for its other confirms or replies
 
 
-async def _close_when_idle(channel: AbstractRobustChannel) -> None:
-    """Close `channel` once no confirm is pending on it, or after `_RETIRE_AFTER` seconds."""
+async def _close_when_idle(channel: AbstractRobustChannel, after: float | None = None) -> None:
+    """Close `channel` once no confirm is pending on it (at most `_RETIRE_AFTER` seconds), or
+    after `after` seconds."""
     with suppress(*_LOST_ERRORS, TimeoutError):
-        underlay = await asyncio.wait_for(channel.get_underlay_channel(), 1)
-        confirmations = getattr(underlay, "confirmations", {})
-        pending = [f for f in confirmations.values() if isinstance(f, asyncio.Future)]
-        if pending:
-            await asyncio.wait(pending, timeout=_RETIRE_AFTER)
+        if after is not None:
+            await asyncio.sleep(after)
+        else:
+            underlay = await asyncio.wait_for(channel.get_underlay_channel(), 1)
+            confirmations = getattr(underlay, "confirmations", {})
+            pending = [f for f in confirmations.values() if isinstance(f, asyncio.Future)]
+            if pending:
+                await asyncio.wait(pending, timeout=_RETIRE_AFTER)
         await channel.close()
 
 
@@ -748,20 +774,26 @@ class AioPikaTransport:
             await connection.close()
 
     async def _renew_publish_channel(self, refused: AbstractRobustChannel) -> None:
-        """Publish on a new channel from now on, after `refused` got a nack.
+        """Publish on a new channel from now on, after `refused` got a nack or no confirm.
 
         RabbitMQ 3.10: a channel opened while a quorum queue had no leader (the second after its
         node died, when this connection had just failed over) nacks every publish to that queue
-        for half a minute and more, while a new channel gets confirms once a leader is elected.
-        The refused channel is closed once its other confirms are in (or after 30 s), so that
-        publishes in flight on it to other queues are not cut off.
+        for half a minute and more, while a new channel gets confirms once a leader is elected;
+        and a channel whose publishes a queue without quorum never confirmed gets no confirm
+        from it either once the quorum is back. The old channel is closed once its other
+        confirms are in (or after 30 s), so that publishes in flight on it are not cut off.
         """
         async with self._renewing:
             if self._publish_channel is not refused or self._connection is None:
                 return  # renewed already by a concurrent nack, or closing
             fresh = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._publish_channel = fresh
-        task = asyncio.create_task(_close_when_idle(refused))
+        self.retire(refused)
+
+    def retire(self, channel: AbstractRobustChannel, after: float | None = None) -> None:
+        """Close `channel` in the background once idle (see `_close_when_idle`); at `close`
+        at the latest."""
+        task = asyncio.create_task(_close_when_idle(channel, after))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
@@ -815,7 +847,9 @@ class AioPikaTransport:
                 timeout=remaining,
                 mandatory=mandatory,
             )
-        except PublishNacked:
+        except (PublishNacked, PublishTimeout):
+            # A refused channel, or one whose publishes a leaderless queue never confirms, stays
+            # so after the queue recovers: later sends go on a new one.
             with suppress(*_LOST_ERRORS, TimeoutError):
                 async with asyncio.timeout(self.connect_timeout):
                     await self._renew_publish_channel(channel)

@@ -45,7 +45,21 @@ def test_each_quorum_queue_is_listed_with_its_leader_and_members_and_leaders_are
     assert report["warnings"] == []
     text = render_placement(report)
     assert "jobs  leader rabbit@n1  members online 3/3 (replicas wanted 3)" in text
-    assert "leaders per node: rabbit@n1: 8, rabbit@n2: 8, rabbit@n3: 7" in text
+    assert "leaders per node (these queues): rabbit@n1: 8, rabbit@n2: 8, rabbit@n3: 7" in text
+
+
+def test_leaders_are_judged_on_all_the_clusters_quorum_queues_not_one_apps() -> None:
+    # The balanced locator put this app's queues where the cluster had fewest leaders.
+    stats = healthy([N3] * len(QUORUM))
+
+    even = placement_report(APP.topology, stats, [N1, N2, N3], {N1: 30, N2: 31, N3: 30})
+    uneven = placement_report(APP.topology, stats, [N1, N2, N3], {N1: 60, N2: 31, N3: 0})
+
+    assert even["warnings"] == []
+    assert even["all_leaders"] == {N1: 30, N2: 31, N3: 30}
+    assert "leaders per node (all quorum queues): rabbit@n1: 30" in render_placement(even)
+    assert len(uneven["warnings"]) == 1
+    assert "spread unevenly" in uneven["warnings"][0]
 
 
 def test_a_member_down_a_lost_quorum_and_missing_replicas_are_warned_about() -> None:

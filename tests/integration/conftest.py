@@ -26,6 +26,8 @@ from aio_pika.abc import AbstractConnection
 
 import amqtask
 
+from .cluster import Cluster
+
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 HOW_TO_GET_A_BROKER = (
@@ -267,6 +269,36 @@ def run_amqtask(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
         check=False,
     )
+
+
+# --- a 3-node cluster of private nodes, once per session -----------------------------------------
+
+# What the README recommends for a cluster: a dead-letter hand-over whose target lost its leader
+# is re-sent after 5 s instead of RabbitMQ's default 180 s (delays and retries pass through one).
+CLUSTER_ADVANCED_CONFIG = "[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 5000}]}].\n"
+
+
+@pytest.fixture(scope="session")
+def cluster_rig() -> Iterator[Cluster]:
+    """Three private nodes joined into one cluster (management API on), booted in parallel once
+    per session (about 20 to 40 s) and removed at its end. Never the shared node."""
+    rig = Cluster(advanced_config=CLUSTER_ADVANCED_CONFIG)
+    try:
+        rig.boot()
+        print(f"\n[cluster] booted in {rig.boot_duration:.1f} s: {rig!r}")
+        yield rig
+    finally:
+        rig.cleanup()
+
+
+@pytest.fixture
+def cluster(cluster_rig: Cluster) -> Cluster:
+    """The session's cluster with every node running and healthy (a test before may have killed
+    some): nodes that are down are started, and each rejoins on its own."""
+    done = cluster_rig.ensure_healthy()
+    if done:
+        print(f"\n[cluster] before the test: {'; '.join(done)}")
+    return cluster_rig
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
