@@ -257,10 +257,17 @@ async def test_a_send_while_the_connection_is_restored_waits_and_is_stored(
     try:
         async with producer:
             await producer.send(job, Job(n=0))
+            proxy.refusing = True  # the broker stays out of reach until we say so
             proxy.cut()
             await wait_for(lambda: not producer.transport.connected, timeout=5)
             # Nothing was published yet, so nothing is uncertain: these wait for the reconnect.
-            await asyncio.gather(*(producer.send(job, Job(n=n), timeout=30) for n in range(1, 21)))
+            sends = [
+                asyncio.create_task(producer.send(job, Job(n=n), timeout=30)) for n in range(1, 21)
+            ]
+            await asyncio.sleep(1.0)
+            assert not any(send.done() for send in sends), "a send gave up while reconnecting"
+            proxy.refusing = False
+            await asyncio.gather(*sends)
     finally:
         await proxy.close()
     assert await queue_depth(amqp, job.queue) == 21
