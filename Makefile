@@ -1,11 +1,12 @@
 # `make example` runs the example services against the local broker; `make test` runs the checks.
 # `make chaos` runs the chaos run (a few minutes, on a private RabbitMQ node; see the README).
+# `make test-quick` is `make test` without the 3-node cluster tests and the short chaos run.
 # All of them create .venv and install the project into it on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: example test lint chaos clean
+.PHONY: example test test-quick lint chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(PY) -m pytest
+
+test-quick: lint
+	$(PY) -m pytest -m "not cluster and not chaos"
 
 chaos: $(VENV)/.installed
 	$(PY) -m tests.chaos --duration 180

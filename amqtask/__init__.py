@@ -1,7 +1,16 @@
 """amqtask: typed, durable task queues and RPC for Python, RabbitMQ first."""
 
 from amqtask._app import App
-from amqtask._contract import Calls, Contract, Isolation, Overflow, QueueType, Retry, contract
+from amqtask._contract import (
+    Calls,
+    Contract,
+    Isolation,
+    LeaderLocator,
+    Overflow,
+    QueueType,
+    Retry,
+    contract,
+)
 from amqtask._exceptions import (
     AmqtaskError,
     AuthenticationFailed,
@@ -39,6 +48,7 @@ from amqtask._exceptions import (
     Unroutable,
     VhostRefused,
 )
+from amqtask._failover import Failover
 from amqtask._loops import run
 from amqtask._schedule import Misfire, Schedule, schedule
 from amqtask._scheduler import Scheduler
@@ -49,12 +59,14 @@ __all__ = [
     "Calls",
     "Contract",
     "Isolation",
+    "LeaderLocator",
     "Overflow",
     "QueueType",
     "Retry",
     "contract",
     # App and worker
     "App",
+    "Failover",
     "Worker",
     "WorkerSettings",
     "run",

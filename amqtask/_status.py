@@ -501,13 +501,27 @@ def report(
         },
         # Queues that lost their quorum (management API): they take and deliver nothing.
         "no_quorum": lost,
-        "warnings": [*sample.warnings, *(no_quorum_warning(queue) for queue in lost)],
+        "warnings": [*sample.warnings, *_no_quorum_warnings(lost, set(delay_queues(names)))],
         "notes": notes,
         "interval": round(seconds, 3) if seconds is not None else None,
     }
 
 
 _NO_QUORUM = "NO QUORUM:"
+
+
+def _no_quorum_warnings(lost: Sequence[Mapping[str, Any]], levels: set[str]) -> list[str]:
+    """A line per queue that lost its quorum; the delay levels share one."""
+    lines = [no_quorum_warning(queue) for queue in lost if queue["queue"] not in levels]
+    lost_levels = [queue["queue"] for queue in lost if queue["queue"] in levels]
+    if lost_levels:
+        lines.append(
+            f"{_NO_QUORUM} {len(lost_levels)} of the {len(levels)} delay levels "
+            f"({', '.join(lost_levels[:3])}{', ...' if len(lost_levels) > 3 else ''}) lost their "
+            "quorum: delayed sends and retries are refused or time out, and those waiting there "
+            "stay until a majority of their nodes is back"
+        )
+    return lines
 
 
 def no_quorum_warning(lost: Mapping[str, Any]) -> str:
@@ -561,7 +575,8 @@ def render(data: Mapping[str, Any]) -> str:
     """`amqtask status` as text: a table, the delay levels, and what could not be known."""
     via = "AMQP and the management API" if data["source"] == Source.MANAGEMENT else "AMQP"
     lines = [f"status of namespace {data['namespace']!r} via {via}"]
-    lines.extend(no_quorum_warning(lost) for lost in data["no_quorum"])  # first: it matters most
+    # First: it matters most.
+    lines.extend(warning for warning in data["warnings"] if warning.startswith(_NO_QUORUM))
     rows: list[tuple[str, ...]] = []
     missing: list[str] = []
     for row in data["tasks"]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
@@ -429,6 +429,7 @@ class _AioPikaReplyChannel:
 
 
 _RETIRE_AFTER = 30.0  # seconds a refused channel stays open for its other confirms or replies
+_BACKGROUND_ERRORS: tuple[type[BaseException], ...] = (*_LOST_ERRORS, TimeoutError)
 
 
 async def _close_when_idle(channel: AbstractRobustChannel, after: float | None = None) -> None:
@@ -793,7 +794,19 @@ class AioPikaTransport:
     def retire(self, channel: AbstractRobustChannel, after: float | None = None) -> None:
         """Close `channel` in the background once idle (see `_close_when_idle`); at `close`
         at the latest."""
-        task = asyncio.create_task(_close_when_idle(channel, after))
+        self._background(_close_when_idle(channel, after))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` as a task that `close` cancels; its failure is only logged."""
+
+        async def run() -> None:
+            try:
+                async with asyncio.timeout(_RETIRE_AFTER + self.connect_timeout):
+                    await work
+            except _BACKGROUND_ERRORS as exc:
+                log.debug("channel_renewal_failed", error=repr(exc))
+
+        task = asyncio.create_task(run())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
@@ -849,10 +862,10 @@ class AioPikaTransport:
             )
         except (PublishNacked, PublishTimeout):
             # A refused channel, or one whose publishes a leaderless queue never confirms, stays
-            # so after the queue recovers: later sends go on a new one.
-            with suppress(*_LOST_ERRORS, TimeoutError):
-                async with asyncio.timeout(self.connect_timeout):
-                    await self._renew_publish_channel(channel)
+            # so after the queue recovers: later sends go on a new one, opened in the background.
+            # Not while the broker blocks the connection: a new channel would not help.
+            if not _blocked(channel):
+                self._background(self._renew_publish_channel(channel))
             raise
         except _LOST_ERRORS as exc:
             raise PublishInterrupted(

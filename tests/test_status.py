@@ -433,6 +433,8 @@ def test_status_says_loudly_which_queues_lost_their_quorum() -> None:
     assert "its counts read 0" in lines[1]
     assert lines[5].split()[-2:] == ["none", "1/3"]  # the table's leader and online cells
     assert text.count("NO QUORUM") == 3  # once each, at the top
+    # The delay levels share one line, however many lost their quorum.
+    assert lines[3].startswith("NO QUORUM: 1 of the 20 delay levels (ns.delay.3) lost their")
 
 
 def test_a_management_url_per_node_falls_back_to_the_next_that_answers(stub_url: str) -> None:

@@ -22,6 +22,7 @@ import pytest
 from pydantic import BaseModel
 
 import amqtask
+from amqtask import _status
 from amqtask._cluster import balanced
 from amqtask._transport import AioPikaTransport
 
@@ -314,12 +315,26 @@ async def test_without_quorum_sends_fail_clearly_and_the_worker_resumes_when_it_
 
         outcomes = await asyncio.gather(*(refused(n) for n in range(100, 103)))
 
+        # `status` says so, loudly, where it would otherwise show an empty queue.
+        management = _status.Management.from_urls(_management_urls(cluster), producer.url)
+        shown = ""
+
+        async def status_says_no_quorum() -> bool:
+            nonlocal shown
+            async with _status.Sampler(producer, management) as sampler:
+                sample = await sampler.sample()
+            shown = _status.render(_status.report(producer.contracts, producer.names, sample))
+            return f"NO QUORUM: queue {job.queue!r}" in shown
+
+        await wait_for(status_says_no_quorum, timeout=30, interval=1)
+
         await asyncio.to_thread(cluster.start, 1, 2)
         for n in range(11, 21):
             await producer.send(job, Job(n=n), timeout=30)
             ledger.confirmed[n] = time.monotonic()
         await wait_for(lambda: not ledger.lost, timeout=60)
 
+    print(shown)
     stored_anyway = sum(1 for n in range(100, 103) if n in ledger.processed)
     report(
         "no quorum",

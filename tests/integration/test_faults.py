@@ -477,6 +477,7 @@ async def test_send_times_out_while_the_broker_blocks_publishers_and_works_after
             await rabbitmqctl(node, "set_vm_memory_high_watermark", "0.4")
         timed_out = sum(isinstance(o, amqtask.PublishTimeout) for o in outcomes)
         assert timed_out == len(blocked), outcomes
+        assert all("the broker is blocking publishers" in str(o) for o in outcomes), outcomes
         assert "was blocked by: 'low on memory'" in caplog.text  # the alarm, not something else
         assert 1.9 <= waited < 4, waited
 
