@@ -376,8 +376,7 @@ async def _declare_store(app: App, *, migrate: bool) -> dict[str, Any]:
     type=click.Choice(list(_loops.LOOPS)),
     default="asyncio",
     show_default=True,
-    help="The event loop: asyncio's, or uvloop's (less CPU per task; the amqtask[uvloop] "
-    "extra).",
+    help="The event loop: asyncio's, or uvloop's (less CPU per task; the amqtask[uvloop] extra).",
 )
 @click.option(
     "--time-limit",
