@@ -115,9 +115,10 @@ class AckBatch:
         try:
             while True:
                 rejects, self._rejects = self._rejects, []
+                count = len(self._finished)  # the deliveries these acks settle
                 acks = self._take_acks([tag for tag, _, _ in rejects])
                 if rejects or acks:
-                    await self._send(rejects, acks)
+                    await self._send(rejects, acks, count)
                 if self._rejects or len(self._finished) >= self._threshold:
                     continue
                 if self._draining and self._finished:
@@ -156,6 +157,7 @@ class AckBatch:
         self,
         rejects: list[tuple[int, bool, asyncio.Future[None]]],
         acks: list[tuple[int, bool]],
+        count: int,
     ) -> None:
         channel = self.channel
         try:
@@ -170,7 +172,7 @@ class AckBatch:
             # The channel died (a reconnect) or its connection is stuck: its tags are void and
             # the broker redelivers those messages. At-least-once: the handlers may see them again.
             if acks:
-                log.warning("settle_failed", how="ack", deliveries=len(acks), error=repr(exc))
+                log.warning("settle_failed", how="ack", deliveries=count, error=repr(exc))
             for _, _, written in rejects:
                 if not written.done():
                     written.set_exception(exc)
