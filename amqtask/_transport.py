@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
@@ -794,15 +794,16 @@ class AioPikaTransport:
     def retire(self, channel: AbstractRobustChannel, after: float | None = None) -> None:
         """Close `channel` in the background once idle (see `_close_when_idle`); at `close`
         at the latest."""
-        self._background(_close_when_idle(channel, after))
+        self._background(partial(_close_when_idle, channel, after))
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run `work` as a task that `close` cancels; its failure is only logged."""
+    def _background(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work()` in a task that `close` cancels; its failure is only logged. (A callable,
+        not a coroutine: a task cancelled before it starts would leave one never awaited.)"""
 
         async def run() -> None:
             try:
                 async with asyncio.timeout(_RETIRE_AFTER + self.connect_timeout):
-                    await work
+                    await work()
             except _BACKGROUND_ERRORS as exc:
                 log.debug("channel_renewal_failed", error=repr(exc))
 
@@ -865,7 +866,7 @@ class AioPikaTransport:
             # so after the queue recovers: later sends go on a new one, opened in the background.
             # Not while the broker blocks the connection: a new channel would not help.
             if not _blocked(channel):
-                self._background(self._renew_publish_channel(channel))
+                self._background(partial(self._renew_publish_channel, channel))
             raise
         except _LOST_ERRORS as exc:
             raise PublishInterrupted(
