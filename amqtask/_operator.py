@@ -184,7 +184,7 @@ async def purge(app: App, contract: Contract[Any, Any]) -> dict[str, int]:
     """Delete the ready messages of `contract`'s work queue and of its due queue (delayed sends
     and retries whose delay is over); returns how many each held. Unacked deliveries (running
     now) are not touched. Raises `AmqtaskError` for a queue that does not exist."""
-    connection = await open_connection(app.url, name="amqtask-purge", timeout=app.connect_timeout)
+    connection = await open_connection(app.urls, name="amqtask-purge", timeout=app.connect_timeout)
     purged: dict[str, int] = {}
     async with connection:
         for name in (contract.queue, due_queue_name(contract.queue)):

@@ -15,10 +15,10 @@ The convention (also in the README):
     {namespace}.delay.{k}    topic exchange and quorum queue of delay level k (TTL 2**k s),
                              k = 0..19; see `amqtask.routing._delay`
     {namespace}.delay.deliver  topic exchange that hands delayed messages to their due queue
-    {namespace}.revoke       fanout exchange of revocations (apps with a task store); each
-                             worker binds an exclusive, auto-delete queue of its own to it
     {namespace}.scheduler    quorum queue, single active consumer: the schedulers' lease and the
                              state of the app's schedules (see `amqtask._scheduler`)
+    {namespace}.revoke       fanout exchange of revocations (apps with a task store); each
+                             worker binds an exclusive, auto-delete queue of its own to it
 
 `namespace` defaults to "amqtask"; apps that share a broker but must not share exchanges (tests,
 tenants) pick their own.
