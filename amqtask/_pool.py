@@ -184,6 +184,12 @@ class ChildPool:
         self._waiting: set[asyncio.Task[Any]] = set()  # tasks waiting for an idle child
         self._draining = False
         self._closing = False
+        # Since the pool started, for `amqtask status` (`amqtask._control`); the metrics count
+        # the same events.
+        self.busy = 0  # children running a task now
+        self.recycled = 0
+        self.crashed = 0
+        self.killed_time_limit = 0
 
     @property
     def alive(self) -> int:
@@ -261,6 +267,7 @@ class ChildPool:
         including the handler's exceptions, is in the reply.
         """
         child = await self._idle_child()
+        self.busy += 1
         try:
             async with asyncio.timeout(time_limit) as scope:
                 reply, body = await child.request(data)
@@ -271,6 +278,7 @@ class ChildPool:
             self._discard(child, "time_limit")
             raise TimeLimitExceeded(time_limit, killed=True) from None
         except _ChildDied:
+            self.crashed += 1
             code = await child.exit_status()
             self._forget(child)
             crash = _crash(code)
@@ -284,6 +292,8 @@ class ChildPool:
         except BaseException:
             self._discard(child, "cancelled")  # mid-task: it must not go on running
             raise
+        finally:
+            self.busy -= 1
         child.tasks += 1
         self._after_task(child, reply.get("rss"))
         return reply, body
@@ -324,6 +334,7 @@ class ChildPool:
             tasks=child.tasks,
             rss_mib=None if mib is None else round(mib, 1),
         )
+        self.recycled += 1
         if self._metrics is not None:
             self._metrics.pool_recycled.labels(why).inc()
         self._in_background(self._stopping, self._retire(child))
@@ -336,6 +347,8 @@ class ChildPool:
     def _discard(self, child: Child, reason: str) -> None:
         """Kill a child in the middle of a task, and start another in its place."""
         child.kill()
+        if reason == "time_limit":
+            self.killed_time_limit += 1
         log.warning("pool_child_killed", pid=child.pid, reason=reason)
         if self._metrics is not None:
             self._metrics.pool_killed.labels(reason).inc()

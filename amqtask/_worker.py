@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from amqtask import _codec, _operator, _tracing
+from amqtask import _codec, _control, _operator, _tracing
 from amqtask._app import App, Handler
 from amqtask._contract import Calls, Isolation, _check_limits
 from amqtask._exceptions import AmqtaskError
@@ -153,6 +153,9 @@ class Worker:
         self.abandoned = 0  # handlers still running when shutdown gave up on them
         self._tracker: Tracker | None = None  # with a task store (`amqtask.store._tracker`)
         self._logs_info = True  # whether a task_succeeded line is written (set at start)
+        self._control = _control.ControlListener(
+            app.names.control_exchange, lambda: _control.reply_of(self)
+        )
 
     @property
     def queues(self) -> tuple[str, ...]:
@@ -200,6 +203,7 @@ class Worker:
                     source, self._consumer(queue), prefetch=prefetch
                 )
                 self._subscriptions.append(subscription)
+            await self._control.start(self.app.transport)  # answers `amqtask status`
         except BaseException:
             self._executor.shutdown(wait=False)
             await self._close_pools()
@@ -333,6 +337,7 @@ class Worker:
         await self._close_pools()  # after the handlers: no child is busy any more
         if self._tracker is not None:
             await self._tracker.stop()
+        await self._control.stop()
         await self.app.close()  # writes the store records still queued
         log.info("worker_stopped", **dict(self.counts))
 

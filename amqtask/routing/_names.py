@@ -19,6 +19,9 @@ The convention (also in the README):
                              state of the app's schedules (see `amqtask._scheduler`)
     {namespace}.revoke       fanout exchange of revocations (apps with a task store); each
                              worker binds an exclusive, auto-delete queue of its own to it
+    {namespace}.control      fanout exchange of requests to running workers (`inspect`); each
+                             worker binds an exclusive, auto-delete queue of its own to it and
+                             answers on the requester's direct reply-to (see `amqtask._control`)
 
 `namespace` defaults to "amqtask"; apps that share a broker but must not share exchanges (tests,
 tenants) pick their own.
@@ -94,6 +97,11 @@ class Names:
     def revoke_exchange(self) -> str:
         """Fanout exchange that carries `App.revoke` to every running worker."""
         return f"{self.namespace}.revoke"
+
+    @property
+    def control_exchange(self) -> str:
+        """Fanout exchange that carries requests (`inspect`) to every running worker."""
+        return f"{self.namespace}.control"
 
     @property
     def scheduler_queue(self) -> str:

@@ -326,6 +326,9 @@ def derive(
 
     With `scheduler` (an app with schedules), also the namespace's scheduler queue.
 
+    Every app also gets the namespace's control exchange, through which `amqtask status` asks
+    the running workers how they are (`amqtask._control`); each worker binds a queue of its own.
+
     Raises `ContractError` when two contracts share a queue but disagree on its arguments, or
     when a contract's queue (or a queue derived from it) takes a name amqtask derives for
     something else: another queue's due, dead-letter or call queue, or a delay level.
@@ -341,6 +344,7 @@ def derive(
         Exchange(names.dead_letter_exchange, "direct"),
         *delay_exchanges,
         *((Exchange(names.revoke_exchange, "fanout"),) if revocations else ()),
+        Exchange(names.control_exchange, "fanout"),
     )
     reserved = _reserved_names(contracts, names)
     if scheduler:

@@ -51,17 +51,19 @@ def test_derive_declares_the_task_and_dead_letter_exchanges_as_durable_direct() 
     assert of_contracts(topology.exchanges) == (
         Exchange("amqtask.tasks", "direct", durable=True),
         Exchange("amqtask.dead", "direct", durable=True),
+        Exchange("amqtask.control", "fanout", durable=True),
     )
     assert all(exchange.arguments == () for exchange in topology.exchanges)
     assert all(exchange.durable for exchange in topology.exchanges)
 
 
-def test_derive_without_contracts_still_declares_both_exchanges() -> None:
+def test_derive_without_contracts_still_declares_the_exchanges() -> None:
     topology = derive([])
 
     assert [exchange.name for exchange in of_contracts(topology.exchanges)] == [
         "amqtask.tasks",
         "amqtask.dead",
+        "amqtask.control",
     ]
     assert of_contracts(topology.queues) == ()
     assert of_contracts(topology.bindings) == ()
@@ -205,6 +207,7 @@ def test_a_namespace_renames_the_exchanges_and_the_dead_letter_exchange_argument
     assert [exchange.name for exchange in of_contracts(topology.exchanges, "tenant-a")] == [
         "tenant-a.tasks",
         "tenant-a.dead",
+        "tenant-a.control",
     ]
     assert dict(topology.queue("orders.place").arguments)["x-dead-letter-exchange"] == (
         "tenant-a.dead"
@@ -276,10 +279,10 @@ def test_entities_lists_exchanges_then_queues_then_bindings() -> None:
     topology = derive([contract("orders.place", Payload)])
 
     assert topology.entities == (*topology.exchanges, *topology.queues, *topology.bindings)
-    # tasks, dead, deliver and 20 level exchanges; 3 contract and 20 level queues; task,
-    # deliver and dead-letter bindings, then a queue and an exchange binding per level.
+    # tasks, dead, deliver, control and 20 level exchanges; 3 contract and 20 level queues;
+    # task, deliver and dead-letter bindings, then a queue and an exchange binding per level.
     assert [entity.kind for entity in topology.entities] == (
-        ["exchange"] * 23 + ["queue"] * 23 + ["binding"] * 43
+        ["exchange"] * 24 + ["queue"] * 23 + ["binding"] * 43
     )
 
 
@@ -428,7 +431,12 @@ def test_without_contracts_only_the_delay_levels_have_queues_and_bindings() -> N
     assert Counter(topology.queues) == Counter(queues)
     assert Counter(topology.bindings) == Counter(bindings)
     assert Counter(topology.exchanges) == Counter(
-        [Exchange("amqtask.tasks"), Exchange("amqtask.dead"), *exchanges]
+        [
+            Exchange("amqtask.tasks"),
+            Exchange("amqtask.dead"),
+            Exchange("amqtask.control", "fanout"),
+            *exchanges,
+        ]
     )
 
 

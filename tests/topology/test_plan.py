@@ -122,6 +122,7 @@ def test_when_everything_exists_entities_are_up_to_date_and_bindings_unverified(
     assert states(plan) == {
         "amqtask.tasks": State.UP_TO_DATE,
         "amqtask.dead": State.UP_TO_DATE,
+        "amqtask.control": State.UP_TO_DATE,
         "orders.place": State.UP_TO_DATE,
         "orders.place.due": State.UP_TO_DATE,
         "orders.place.dead": State.UP_TO_DATE,
@@ -465,21 +466,22 @@ def test_render_marks_each_state_and_ends_with_a_summary() -> None:
 
     assert lines[0] == "= exchange amqtask.tasks (direct)  [up-to-date]"
     assert lines[1] == "= exchange amqtask.dead (direct)  [up-to-date]"
-    assert lines[2] == "! queue    orders.place (classic)  [conflict]"
-    assert lines[3] == (
+    assert lines[2] == "= exchange amqtask.control (fanout)  [up-to-date]"
+    assert lines[3] == "! queue    orders.place (classic)  [conflict]"
+    assert lines[4] == (
         "      queue 'orders.place': argument 'x-max-length' is 10 on the broker "
         "but the contracts want absent"
     )
-    assert lines[4] == "= queue    orders.place.due (classic)  [up-to-date]"
-    assert lines[5] == "+ queue    orders.place.dead (classic)  [missing]"
-    assert lines[6] == "~ binding  amqtask.tasks -> orders.place [orders.place.v1]  [unverified]"
-    assert lines[7] == f"~ binding  {DELIVER_PLACE}  [unverified]"
-    assert lines[8] == "+ binding  amqtask.dead -> orders.place.dead [orders.place]  [missing]"
-    assert lines[9] == f"- binding  {RETIRED_PLACE}  [removed]"
-    # 23 exchanges, the due queue and 20 level queues up to date besides the conflict and the
+    assert lines[5] == "= queue    orders.place.due (classic)  [up-to-date]"
+    assert lines[6] == "+ queue    orders.place.dead (classic)  [missing]"
+    assert lines[7] == "~ binding  amqtask.tasks -> orders.place [orders.place.v1]  [unverified]"
+    assert lines[8] == f"~ binding  {DELIVER_PLACE}  [unverified]"
+    assert lines[9] == "+ binding  amqtask.dead -> orders.place.dead [orders.place]  [missing]"
+    assert lines[10] == f"- binding  {RETIRED_PLACE}  [removed]"
+    # 24 exchanges, the due queue and 20 level queues up to date besides the conflict and the
     # missing queue.
-    assert lines[10] == "2 to create, 1 conflicting, 44 up to date, 1 to remove"
-    assert len(lines) == 11
+    assert lines[11] == "2 to create, 1 conflicting, 45 up to date, 1 to remove"
+    assert len(lines) == 12
     assert "= exchange amqtask.delay.deliver (topic)  [up-to-date]" in level_lines
     assert "= exchange amqtask.delay.7 (topic)  [up-to-date]" in level_lines
     assert "= queue    amqtask.delay.7 (quorum)  [up-to-date]" in level_lines
@@ -502,14 +504,14 @@ def test_render_lists_every_conflict_of_an_entity_and_counts_the_entity_once() -
     lines = [line for line in plan.render().splitlines() if not LEVEL_LINE.match(line)]
 
     assert plan.conflicts == (length_conflict(), type_conflict)
-    assert lines[2:5] == [
+    assert lines[3:6] == [
         "! queue    orders.place (classic)  [conflict]",
         "      queue 'orders.place': argument 'x-max-length' is 10 on the broker "
         "but the contracts want absent",
         "      queue 'orders.place': argument 'x-queue-type' is 'quorum' on the broker "
         "but the contracts want 'classic'",
     ]
-    assert lines[-1] == "0 to create, 1 conflicting, 45 up to date, 1 to remove"
+    assert lines[-1] == "0 to create, 1 conflicting, 46 up to date, 1 to remove"
 
 
 def test_render_of_an_empty_plan_is_only_the_summary() -> None:
