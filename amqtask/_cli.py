@@ -1192,6 +1192,96 @@ def rebalance(app_path: str, management_url: str | None, as_json: bool) -> None:
         click.echo(_cluster.render_placement(report))
 
 
+# --- the dashboard ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("app_path", metavar="APP")
+@click.option("--port", default=8077, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind; any but loopback needs --auth.",
+)
+@click.option(
+    "--auth",
+    envvar="AMQTASK_DASHBOARD_AUTH",
+    default=None,
+    metavar="USER:PASSWORD",
+    help="HTTP basic auth for every page and request [env: AMQTASK_DASHBOARD_AUTH, which keeps "
+    "it out of the process list].",
+)
+@click.option("--read-only", is_flag=True, help="Refuse every write action (replay, purge, ...).")
+@click.option(
+    "--management-url",
+    envvar="AMQTASK_MANAGEMENT_URL",
+    default=None,
+    metavar="URL",
+    help="The management API, e.g. http://guest:guest@127.0.0.1:15672, for unacked counts, "
+    "rates, the cluster and workers [env: AMQTASK_MANAGEMENT_URL; default: AMQP only].",
+)
+def dashboard(
+    app_path: str,
+    port: int,
+    host: str,
+    auth: str | None,
+    read_only: bool,
+    management_url: str | None,
+) -> None:
+    """Serve a web dashboard of APP: queues with live rates, dead letters (replay, purge),
+    schedules (pause, resume), workers, tasks of the store (revoke) and contracts.
+
+    Binds 127.0.0.1 unless told otherwise; any other address needs --auth. Write actions ask to
+    confirm in the page; --read-only refuses them. No broker password reaches the page. Needs
+    the dashboard extra: pip install 'amqtask[dashboard]'.
+
+    \b
+    Example:
+      amqtask dashboard examples.app:app
+      amqtask dashboard examples.app:app --host 0.0.0.0 --auth admin:s3cret --read-only
+    """
+    _logging.configure(logging.WARNING)
+    try:
+        from amqtask import dashboard as _dashboard
+    except ImportError as exc:
+        if getattr(exc, "name", None) != "aiohttp":
+            raise
+        _fail("the dashboard needs aiohttp: pip install 'amqtask[dashboard]'")
+    from amqtask.dashboard._server import is_loopback
+
+    if auth is None and not is_loopback(host):
+        raise click.UsageError(
+            f"--host {host} is reachable from other machines: pass --auth USER:PASSWORD "
+            "(or set AMQTASK_DASHBOARD_AUTH)"
+        )
+    if auth is not None and (":" not in auth or auth.startswith(":") or auth.endswith(":")):
+        raise click.BadParameter("expected USER:PASSWORD", param_hint="--auth")
+    app = load_app(app_path)
+    if management_url is not None:
+        try:
+            _status.Management.from_urls(management_url, app.url)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--management-url") from None
+    click.echo(f"amqtask dashboard on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
+
+    async def work() -> None:
+        try:
+            await _dashboard.serve(
+                app,
+                host=host,
+                port=port,
+                management_url=management_url,
+                read_only=read_only,
+                auth=auth,
+                app_path=app_path,
+            )
+        finally:
+            await app.close()
+
+    _run(app, work)  # SIGINT and SIGTERM end `serve`: no KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> Any:
     return cli.main(args=argv, prog_name="amqtask")
 

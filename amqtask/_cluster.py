@@ -147,6 +147,19 @@ def all_leaders(management: Management) -> Counter[str]:
     )
 
 
+def nodes(management: Management) -> list[dict[str, Any]]:
+    """Every node of the cluster, by name, and whether it runs. Raises `ManagementUnavailable`."""
+    answer = management.get("/nodes?columns=name,running") or []
+    return sorted(
+        (
+            {"name": node["name"], "running": node.get("running") is True}
+            for node in answer
+            if isinstance(node, Mapping) and isinstance(node.get("name"), str)
+        ),
+        key=lambda node: str(node["name"]),
+    )
+
+
 def running_nodes(management: Management) -> list[str]:
     """The names of the cluster's running nodes. Raises `ManagementUnavailable`."""
     answer = management.get("/nodes") or []

@@ -14,14 +14,15 @@ shows as text.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import aio_pika
 import aiormq.exceptions
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from amqtask import _codec
 from amqtask._app import App
@@ -244,3 +245,164 @@ async def purge(app: App, contract: Contract[Any, Any]) -> int:
         queue = await _dead_letter_queue(channel, contract)
         result = await queue.purge()
         return int(result.message_count or 0)
+
+
+# --- paging, one letter in full, deleting some (the dashboard) --------------------------------
+
+DETAIL_PREVIEW_BYTES = 64 * 1024  # how much of one letter's body its detail view shows
+_MAX_PREFETCH = 65535  # basic.qos takes a 16-bit prefetch count
+_QUIET = 1.0  # seconds without a delivery after which a scan ends (the queue shrank meanwhile)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterDetail:
+    """One dead letter in full: every header as clipped text, the traceback, the body's first
+    `DETAIL_PREVIEW_BYTES`."""
+
+    letter: DeadLetter
+    headers: dict[str, str]
+    traceback: str | None
+    error_type: str | None
+    content_type: str | None
+    content_encoding: str | None
+
+    @classmethod
+    def of(cls, message: _codec.Delivery, *, preview: int = DETAIL_PREVIEW_BYTES) -> Self:
+        raw = message.headers
+        headers: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+        return cls(
+            letter=DeadLetter.of(message, preview=preview),
+            headers={
+                str(name)[:_MAX_NAME]: _clip(_codec.header_text(value), _MAX_TEXT) or ""
+                for name, value in headers.items()
+            },
+            traceback=_clip(_codec.header_text(headers.get(_codec.TRACEBACK)), _MAX_TEXT * 4),
+            error_type=_clip(_codec.header_text(headers.get(_codec.ERROR_TYPE)), _MAX_NAME),
+            content_type=_clip(message.content_type, _MAX_NAME),
+            content_encoding=_clip(message.content_encoding, _MAX_NAME),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.letter.to_dict(),
+            "headers": self.headers,
+            "traceback": self.traceback,
+            "error_type": self.error_type,
+            "content_type": self.content_type,
+            "content_encoding": self.content_encoding,
+        }
+
+
+async def _scan(
+    app: App,
+    contract: Contract[Any, Any],
+    visit: Callable[[int, AbstractIncomingMessage], Awaitable[bool]],
+    *,
+    first: int | None = None,
+) -> int:
+    """Deliver the dead-letter queue's messages in order to `visit(index, message)` until it
+    returns True, `first` messages were seen, or the queue ran out; returns the queue's count.
+
+    One consumer, unacked, its prefetch the number of messages wanted: the broker sends no more
+    than those, and each is dropped once visited (a visit keeps what it needs, not the body), so
+    memory stays bounded by what is in flight, not by the queue. What `visit` does not ack
+    returns to the queue, in order, when the channel closes.
+    """
+    connection = await open_connection(app.urls, name="amqtask-dlq", timeout=app.connect_timeout)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=False)
+        queue = await _dead_letter_queue(channel, contract)
+        count = queue.declaration_result.message_count or 0
+        wanted = count if first is None else min(first, count)
+        if wanted == 0:
+            await channel.close()
+            return count
+        # Past 65535 (the most basic.qos takes) the window is unlimited: the consumer stops at
+        # `wanted`, and what the broker sent beyond is dropped unread.
+        await channel.set_qos(prefetch_count=wanted if wanted <= _MAX_PREFETCH else 0)
+        finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        seen = 0
+        progress = asyncio.Event()
+
+        async def deliver(message: AbstractIncomingMessage) -> None:
+            nonlocal seen
+            if finished.done():
+                return
+            index, seen = seen, seen + 1
+            progress.set()
+            try:
+                stop = await visit(index, message)
+            except Exception as exc:
+                finished.set_exception(exc)
+                return
+            if stop or seen >= wanted:
+                finished.set_result(None)
+
+        await queue.consume(deliver, no_ack=False)
+        while not finished.done():
+            progress.clear()
+            try:
+                await asyncio.wait_for(asyncio.shield(finished), _QUIET)
+            except TimeoutError:
+                if not progress.is_set():
+                    break  # fewer messages than counted: others took some meanwhile
+        await channel.close()
+        if finished.done():
+            finished.result()  # a visit's error
+        return count
+
+
+async def page_dead_letters(
+    app: App,
+    contract: Contract[Any, Any],
+    *,
+    offset: int = 0,
+    limit: int = 50,
+    preview: int = PREVIEW_BYTES,
+) -> tuple[int, list[DeadLetter]]:
+    """The dead-letter queue's message count and its messages `offset` to `offset + limit`,
+    each with a `preview` of its body. Removes nothing; keeps only the page in memory."""
+    page: list[DeadLetter] = []
+
+    async def visit(index: int, message: AbstractIncomingMessage) -> bool:
+        if index >= offset:
+            page.append(DeadLetter.of(message, preview=preview))
+        return False
+
+    count = await _scan(app, contract, visit, first=offset + limit)
+    return count, page
+
+
+async def find_dead_letter(
+    app: App, contract: Contract[Any, Any], message_id: str, *, preview: int = DETAIL_PREVIEW_BYTES
+) -> DeadLetterDetail | None:
+    """The first dead letter whose message id is `message_id`, in full (headers clipped, a
+    `preview` of the body); None if there is none. Removes nothing."""
+    found: list[DeadLetterDetail] = []
+
+    async def visit(_index: int, message: AbstractIncomingMessage) -> bool:
+        if message.message_id == message_id:
+            found.append(DeadLetterDetail.of(message, preview=preview))
+            return True
+        return False
+
+    await _scan(app, contract, visit)
+    return found[0] if found else None
+
+
+async def delete_dead_letters(app: App, contract: Contract[Any, Any], ids: Collection[str]) -> int:
+    """Delete the dead letters whose message id is in `ids` (acks only those); returns how many
+    were deleted. The others stay, in order."""
+    wanted = set(ids)
+    deleted = 0
+
+    async def visit(_index: int, message: AbstractIncomingMessage) -> bool:
+        nonlocal deleted
+        if message.message_id in wanted:
+            await message.ack()
+            deleted += 1
+        return False
+
+    if wanted:
+        await _scan(app, contract, visit)
+    return deleted

@@ -1,0 +1,314 @@
+"""The dashboard's HTTP side: routes, and the safety checks every request passes.
+
+* **Host guard** (DNS rebinding): a page of another site that made its own name resolve to
+  127.0.0.1 reaches the server with that name in `Host`. Bound to a loopback address, only
+  `localhost`, `127.0.0.1` and `[::1]` are accepted; bound to a named host, only that name; bound
+  to all addresses (`0.0.0.0`, `::`) any, since `--auth` is then required and a rebinding page
+  does not know the password. Refused with 421.
+* **Basic auth** (`auth="user:password"`): every request, pages and API, or 401 with
+  `WWW-Authenticate`.
+* **Write actions** are POST only, with `Content-Type: application/json` and the header
+  `X-Amqtask-Action: 1`, which a cross-site form cannot send (403/415 otherwise); under
+  `read_only` every one answers 403 `{"error": "read-only"}`.
+* **Errors** are JSON `{"error": ...}`: 404 for what the app does not have, 503 while the broker
+  (or the store, or the management API) cannot be asked; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from amqtask._exceptions import AmqtaskError, ConnectError, StoreError, TopologyMissing
+from amqtask.dashboard._data import DashboardData, NotFound, parse_since
+
+DATA: web.AppKey[DashboardData] = web.AppKey("amqtask_dashboard_data", DashboardData)
+
+ACTION_HEADER = "X-Amqtask-Action"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+ANY_ADDRESS = frozenset({"0.0.0.0", "::", ""})
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Settings:
+    """What the middleware checks: where the server is bound, auth, read-only."""
+
+    def __init__(self, *, host: str, port: int | None, auth: str | None, read_only: bool) -> None:
+        self.host = host
+        self.port = port
+        self.read_only = read_only
+        self.auth: tuple[str, str] | None = None
+        if auth is not None:
+            user, sep, password = auth.partition(":")
+            if not sep or not user or not password:
+                raise ValueError("auth must be USER:PASSWORD")
+            self.auth = (user, password)
+
+    def host_allowed(self, header: str | None) -> bool:
+        if not header:
+            return False
+        name, port = _split_host(header)
+        if self.port is not None and port is not None and port != self.port:
+            return False
+        bound = self.host.strip("[]")
+        if bound in ANY_ADDRESS:
+            return True
+        if is_loopback(bound):
+            return name.strip("[]") in {n.strip("[]") for n in LOOPBACK_NAMES} or name == bound
+        return name.strip("[]").lower() == bound.lower()
+
+    def authorized(self, header: str | None) -> bool:
+        if self.auth is None:
+            return True
+        if not header or not header.startswith("Basic "):
+            return False
+        try:
+            given = base64.b64decode(header[6:], validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        user, _, password = given.partition(":")
+        # Both compared, in constant time: no early exit that times which one was wrong.
+        good_user = hmac.compare_digest(user.encode(), self.auth[0].encode())
+        good_password = hmac.compare_digest(password.encode(), self.auth[1].encode())
+        return good_user and good_password
+
+
+SETTINGS = web.AppKey("amqtask_dashboard_settings", Settings)
+
+
+def _split_host(header: str) -> tuple[str, int | None]:
+    if header.startswith("["):
+        name, _, rest = header.partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        return name + "]", int(port) if port.isdigit() else None
+    name, _, port = header.rpartition(":") if header.count(":") == 1 else (header, "", "")
+    return name, int(port) if port.isdigit() else None
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def error(status: int, message: str, **headers: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": message}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+@web.middleware
+async def safety(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    if not settings.host_allowed(request.headers.get("Host")):
+        return error(421, "this server does not answer to that host name")
+    if not settings.authorized(request.headers.get("Authorization")):
+        return error(
+            401, "authentication required", **{"WWW-Authenticate": 'Basic realm="amqtask"'}
+        )
+    if request.method == "POST":
+        if settings.read_only:
+            return error(403, "read-only")
+        if request.headers.get(ACTION_HEADER) != "1":
+            return error(403, f"write actions need the header {ACTION_HEADER}: 1")
+        if request.content_type != "application/json":
+            return error(415, "write actions take Content-Type: application/json")
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json" or exc.status < 400:
+            raise
+        return error(exc.status, exc.reason)
+    except NotFound as exc:
+        return error(404, str(exc))
+    except TopologyMissing as exc:
+        return error(404, str(exc))
+    except (ConnectError, ConnectionError, OSError, TimeoutError) as exc:
+        return error(503, f"broker unreachable: {_one_line(exc)}")
+    except StoreError as exc:
+        return error(503, f"task store: {_one_line(exc)}")
+    except AmqtaskError as exc:
+        return error(502, _one_line(exc))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# --- pages --------------------------------------------------------------------------------------
+
+
+def static_dir() -> Path:
+    return Path(str(resources.files("amqtask.dashboard") / "static"))
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    page = static_dir() / "index.html"
+    if not page.is_file():
+        return web.Response(
+            text="<!doctype html><title>amqtask</title><p>The dashboard's page is missing.",
+            content_type="text/html",
+        )
+    return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
+
+
+# --- the API ------------------------------------------------------------------------------------
+
+
+async def config(request: web.Request) -> web.Response:
+    return json(request.app[DATA].config(read_only=request.app[SETTINGS].read_only))
+
+
+async def overview(request: web.Request) -> web.Response:
+    ok, data = await request.app[DATA].overview()
+    return json(data, 200 if ok else 503)
+
+
+async def rates(request: web.Request) -> web.Response:
+    return json(request.app[DATA].rates())
+
+
+async def dead_letter_queues(request: web.Request) -> web.Response:
+    return json(request.app[DATA].dead_letter_queues())
+
+
+def _int_query(request: web.Request, name: str, default: int) -> int:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise web.HTTPBadRequest(reason=f"{name} must be an integer") from None
+    if value < 0:
+        raise web.HTTPBadRequest(reason=f"{name} must not be negative")
+    return value
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    data = request.app[DATA]
+    offset = _int_query(request, "offset", 0)
+    limit = _int_query(request, "limit", 50)
+    return json(await data.dead_letters(request.match_info["task"], offset, limit))
+
+
+async def dead_letter(request: web.Request) -> web.Response:
+    info = request.match_info
+    return json(await request.app[DATA].dead_letter(info["task"], info["message_id"]))
+
+
+async def _selection(request: web.Request) -> list[str] | None:
+    """The message ids of a write action's body, or None for `{"all": true}`."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise web.HTTPBadRequest(reason="the body is not JSON") from None
+    if isinstance(body, dict) and body.get("all") is True:
+        return None
+    ids = body.get("ids") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise web.HTTPBadRequest(reason='expected {"ids": ["message id", ...]} or {"all": true}')
+    return ids
+
+
+async def replay(request: web.Request) -> web.Response:
+    ids = await _selection(request)
+    return json(await request.app[DATA].replay(request.match_info["task"], ids))
+
+
+async def purge(request: web.Request) -> web.Response:
+    ids = await _selection(request)
+    return json(await request.app[DATA].purge(request.match_info["task"], ids))
+
+
+async def schedules(request: web.Request) -> web.Response:
+    return json(await request.app[DATA].schedules())
+
+
+async def pause(request: web.Request) -> web.Response:
+    return json(await request.app[DATA].set_paused(request.match_info["name"], True))
+
+
+async def resume(request: web.Request) -> web.Response:
+    return json(await request.app[DATA].set_paused(request.match_info["name"], False))
+
+
+async def workers(request: web.Request) -> web.Response:
+    return json(await request.app[DATA].workers())
+
+
+async def tasks(request: web.Request) -> web.Response:
+    query = request.query
+    since = None
+    if query.get("since"):
+        try:
+            since = parse_since(query["since"])
+        except ValueError as exc:
+            raise web.HTTPBadRequest(reason=f"since: {exc}") from None
+    return json(
+        await request.app[DATA].tasks(
+            task_id=query.get("id") or None,
+            state=query.get("state") or None,
+            task=query.get("task") or None,
+            since=since,
+            limit=max(1, min(_int_query(request, "limit", 50), 500)),
+        )
+    )
+
+
+async def task(request: web.Request) -> web.Response:
+    return json(await request.app[DATA].task(request.match_info["id"]))
+
+
+async def revoke(request: web.Request) -> web.Response:
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError:
+        raise web.HTTPBadRequest(reason="the body is not JSON") from None
+    terminate = isinstance(body, dict) and body.get("terminate") is True
+    return json(await request.app[DATA].revoke(request.match_info["id"], terminate=terminate))
+
+
+async def contracts(request: web.Request) -> web.Response:
+    return json(request.app[DATA].contracts_export())
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return error(404, f"no endpoint {request.path}")
+
+
+def routes(application: web.Application) -> None:
+    router = application.router
+    router.add_get("/", index)
+    router.add_static("/static/", static_dir(), follow_symlinks=False)
+    router.add_get("/api/config", config)
+    router.add_get("/api/overview", overview)
+    router.add_get("/api/rates", rates)
+    router.add_get("/api/dead-letters", dead_letter_queues)
+    router.add_get("/api/dead-letters/{task}", dead_letters)
+    router.add_post("/api/dead-letters/{task}/replay", replay)
+    router.add_post("/api/dead-letters/{task}/purge", purge)
+    router.add_get("/api/dead-letters/{task}/{message_id}", dead_letter)
+    router.add_get("/api/schedules", schedules)
+    router.add_post("/api/schedules/{name}/pause", pause)
+    router.add_post("/api/schedules/{name}/resume", resume)
+    router.add_get("/api/workers", workers)
+    router.add_get("/api/tasks", tasks)
+    router.add_get("/api/tasks/{id}", task)
+    router.add_post("/api/tasks/{id}/revoke", revoke)
+    router.add_get("/api/contracts", contracts)
+    router.add_route("*", "/api/{tail:.*}", not_found)
