@@ -7,7 +7,12 @@ to the queue, in order, when the channel closes.
 Replay publishes each message back to its work queue and waits for the broker's confirm before it
 acks (removes) the dead letter, so a crash mid-replay can duplicate a message but never lose one.
 
-Both read headers defensively: a dead letter is often the message that was malformed in the first
+The dashboard pages through a queue at an offset (`page_dead_letters`), shows one letter in full
+(`find_dead_letter`) and deletes some by id (`delete_dead_letters`): one consumer without acks,
+its prefetch the number of messages wanted, each message dropped once read; the channel's close
+returns them. Only a deletion acks, and only the messages it names.
+
+All read headers defensively: a dead letter is often the message that was malformed in the first
 place, and one bad header must not stop the tool for the whole queue. Any value of any AMQP type
 shows as text.
 """

@@ -24,7 +24,15 @@ from typing import Any
 
 import structlog
 
-from amqtask import _cluster, _dead_letters, _evolution, _operator, _schedule_admin, _status
+from amqtask import (
+    _cluster,
+    _control,
+    _dead_letters,
+    _evolution,
+    _operator,
+    _schedule_admin,
+    _status,
+)
 from amqtask import _wallclock as wallclock
 from amqtask._app import App
 from amqtask._contract import Contract
@@ -38,6 +46,7 @@ HISTORY = 600.0  # seconds of rates kept for the charts
 CLUSTER_EVERY = 5  # samples between two reads of the cluster's nodes and leaders
 MANAGEMENT_RETRY = 15  # samples after which a management API that failed is asked again
 MAX_PAGE = 200  # dead letters per page at most
+INSPECT_TIMEOUT = 1.0  # seconds the workers have to answer `inspect`
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -319,13 +328,39 @@ class DashboardData:
     # --- workers ------------------------------------------------------------------------------
 
     async def workers(self) -> dict[str, Any]:
+        """Who consumes the app's queues (the management API, as `amqtask workers`), merged by
+        connection name with what the running workers answer to `inspect` (in flight,
+        concurrency, pool). Workers that answer but the API does not list (no API) are listed
+        from their answer alone."""
+        listed, inspected = await asyncio.gather(self._listed_workers(), self._inspected_workers())
+        report, error = listed
+        answers = {answer["name"]: answer for answer in inspected}
+        rows = [_worker(view, answers.pop(view["connection"], None)) for view in report]
+        rows += [_answered(answer) for answer in answers.values()]
+        data: dict[str, Any] = {
+            "workers": sorted(rows, key=lambda row: str(row["name"])),
+            "available": error is None and self.management is not None,
+            "inspected": bool(inspected),
+        }
+        if error is not None:
+            data["error"] = error
+        return data
+
+    async def _listed_workers(self) -> tuple[list[dict[str, Any]], str | None]:
         if self.management is None:
-            return {"workers": [], "available": False}
+            return [], None
         try:
             report = await asyncio.to_thread(_operator.fetch_workers, self.app, self.management)
         except _status.ManagementUnavailable as exc:
-            return {"workers": [], "available": False, "error": str(exc)}
-        return {"workers": [_worker(view) for view in report["workers"]], "available": True}
+            return [], str(exc)
+        return list(report["workers"]), None
+
+    async def _inspected_workers(self) -> list[dict[str, Any]]:
+        try:
+            return await _control.inspect_workers(self.app, timeout=INSPECT_TIMEOUT)
+        except Exception as exc:  # the listing from the API stands without it
+            log.info("dashboard_inspect_failed", error=repr(exc))
+            return []
 
     # --- tasks (the store) --------------------------------------------------------------------
 
@@ -373,9 +408,9 @@ class DashboardData:
         )
 
 
-def _worker(view: Mapping[str, Any]) -> dict[str, Any]:
-    """A row of `amqtask workers --json` as the dashboard lists it."""
-    return {
+def _worker(view: Mapping[str, Any], answer: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A row of `amqtask workers --json`, with the worker's `inspect` answer when it gave one."""
+    row = {
         "name": view["connection"],
         "host": view["host"],
         "pid": view["pid"],
@@ -383,12 +418,44 @@ def _worker(view: Mapping[str, Any]) -> dict[str, Any]:
         "amqtask_worker": view["amqtask_worker"],
         "queues": sorted(view["queues"]),
         "prefetch": view["prefetch"],
-        "pool_kind": view["pool"],
+        "pool_type": view["pool"],
         "since": view["started"] or view["connected_at"],
         "connected_at": view["connected_at"],
         "concurrency": view["concurrency"],
         "in_flight": None,
+        "running": None,
+        "processed": None,
         "pool": None,
+    }
+    if answer is not None:
+        row.update(_from_answer(answer))
+    return row
+
+
+def _answered(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """A worker known only by its `inspect` answer (no management API, or not listed yet)."""
+    return {
+        "name": answer.get("name"),
+        "host": answer.get("host"),
+        "pid": answer.get("pid"),
+        "peer": None,
+        "amqtask_worker": True,
+        "queues": sorted(answer.get("queues") or []),
+        "prefetch": answer.get("prefetch"),
+        "pool_type": answer.get("pool_type"),
+        "since": answer.get("started_at"),
+        "connected_at": None,
+        **_from_answer(answer),
+    }
+
+
+def _from_answer(answer: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "concurrency": answer.get("concurrency"),
+        "in_flight": answer.get("in_flight"),
+        "running": answer.get("running"),
+        "processed": answer.get("processed"),
+        "pool": answer.get("pool"),
     }
 
 

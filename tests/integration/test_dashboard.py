@@ -1,0 +1,580 @@
+"""`amqtask dashboard`: every endpoint over HTTP (aiohttp's test client) against the real broker,
+its safety checks, and the command itself."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractConnection
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+from pydantic import BaseModel
+
+import amqtask
+from amqtask import _codec
+from amqtask.dashboard import create_dashboard
+
+from .conftest import AppFactory, queue_depth, running, wait_for, write_app_module
+
+ACTION = {"X-Amqtask-Action": "1"}
+
+
+class Job(BaseModel):
+    n: int
+
+
+@asynccontextmanager
+async def dashboard(app: amqtask.App, **options: Any) -> AsyncIterator[TestClient[Any, Any]]:
+    """The dashboard of `app` on a test server, sampling every 0.2 s."""
+    options.setdefault("interval", 0.2)
+    server = TestServer(create_dashboard(app, **options))
+    async with TestClient(server) as client:
+        yield client
+
+
+async def ok(response: ClientResponse) -> Any:
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def post(client: TestClient[Any, Any], path: str, body: Any) -> ClientResponse:
+    return await client.post(path, json=body, headers=ACTION)
+
+
+async def put_dead_letters(
+    amqp: AbstractConnection, contract: amqtask.Contract[Any, Any], count: int, start: int = 0
+) -> list[str]:
+    """Publish `count` dead letters straight to `contract`'s dead-letter queue, as a failed
+    handler leaves them; their message ids are `dl-N`."""
+    ids = []
+    async with amqp.channel() as channel:
+        for n in range(start, start + count):
+            message_id = f"dl-{n}"
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    f'{{"n":{n}}}'.encode(),
+                    message_id=message_id,
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    headers={
+                        _codec.TASK: contract.name,
+                        _codec.VERSION: contract.version,
+                        _codec.REASON: "handler_error",
+                        _codec.ERROR: f"RuntimeError: job {n} broke",
+                        _codec.ERROR_TYPE: "RuntimeError",
+                        _codec.TRACEBACK: f"Traceback (most recent call last):\n  line {n}\n",
+                        _codec.ATTEMPT: 3,
+                        _codec.FIRST_FAILED_AT: "2030-01-01T00:00:00+00:00",
+                        _codec.FAILED_AT: "2030-01-01T00:01:00+00:00",
+                    },
+                ),
+                routing_key=f"{contract.queue}.dead",
+            )
+            ids.append(message_id)
+    return ids
+
+
+async def dead_ids(client: TestClient[Any, Any], task: str) -> list[str]:
+    page = await ok(await client.get(f"/api/dead-letters/{task}?limit=200"))
+    return [letter["message_id"] for letter in page["letters"]]
+
+
+# --- pages, config, overview, rates ---------------------------------------------------------------
+
+
+async def test_the_page_and_its_static_files_are_served(make_app: AppFactory, unique: str) -> None:
+    app = make_app([amqtask.contract(f"{unique}.job", Job)])
+    async with dashboard(app) as client:
+        page = await client.get("/")
+        assert page.status == 200
+        assert "text/html" in page.headers["Content-Type"]
+        assert "<html" in (await page.text()).lower()
+        script = await client.get("/static/vendor/uPlot.iife.min.js")
+        assert script.status == 200
+        assert (await client.get("/static/../__init__.py")).status == 404
+        missing = await client.get("/api/nothing")
+        assert missing.status == 404
+        assert "error" in await missing.json()
+
+
+async def test_config_and_overview_report_the_queues_without_the_broker_password(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    other = amqtask.contract(f"{unique}.other", Job)
+    app = make_app([job, other])
+    await app.declare()
+    async with app:
+        for n in range(3):
+            await app.send(job, Job(n=n))
+    await put_dead_letters(amqp, job, 2)
+    async with dashboard(app, app_path="tests.app:app") as client:
+        config = await ok(await client.get("/api/config"))
+        assert config == {
+            "app": "tests.app:app",
+            "namespace": unique,
+            "broker": "amqp://guest:***@127.0.0.1:5672/",
+            "management": False,
+            "read_only": False,
+            "store": False,
+            "schedules": False,
+            "version": config["version"],
+        }
+
+        async def counted() -> bool:
+            data = await ok(await client.get("/api/overview"))
+            rows = {row["task"]: row for row in data["tasks"]}
+            return rows[job.name]["ready"] == 3 and rows[job.name]["dead_letters"] == 2
+
+        await wait_for(counted)
+        response = await client.get("/api/overview")
+        text = await response.text()
+        data = await response.json()
+        assert ":guest@" not in text
+        rows = {row["task"]: row for row in data["tasks"]}
+        assert rows[other.name]["ready"] == 0
+        assert rows[job.name]["consumers"] == 0
+        assert rows[job.name]["unacked"] is None  # unknown over AMQP, never 0
+        assert data["error"] is None
+        assert data["sampled_at"] is not None
+        assert data["cluster"] == {"available": False, "nodes": [], "balanced": None}
+        assert data["delayed"]["messages"] == 0
+
+        async def sampled_twice() -> bool:
+            return len((await ok(await client.get("/api/rates")))["t"]) >= 2
+
+        await wait_for(sampled_twice)
+        rates = await ok(await client.get("/api/rates"))
+        assert rates["interval"] == 0.2
+        assert set(rates["tasks"]) == {job.name, other.name}
+        for series in rates["tasks"].values():
+            assert len(series["in"]) == len(series["out"]) == len(rates["t"])
+
+        queues = await ok(await client.get("/api/dead-letters"))
+        assert {q["task"]: q["count"] for q in queues["queues"]} == {job.name: 2, other.name: 0}
+        contracts = await ok(await client.get("/api/contracts"))
+        assert [c["name"] for c in contracts["contracts"]] == sorted([job.name, other.name])
+        assert "properties" in contracts["contracts"][0]["input"]
+
+
+# --- dead letters ---------------------------------------------------------------------------------
+
+
+async def test_dead_letters_page_at_an_offset_and_show_one_in_full_removing_nothing(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    await put_dead_letters(amqp, job, 7)
+    async with dashboard(app) as client:
+        page = await ok(await client.get(f"/api/dead-letters/{job.name}?offset=2&limit=3"))
+        assert page["count"] == 7
+        assert (page["offset"], page["limit"]) == (2, 3)
+        assert [letter["message_id"] for letter in page["letters"]] == ["dl-2", "dl-3", "dl-4"]
+        first = page["letters"][0]
+        assert first["reason"] == "handler_error"
+        assert first["error"] == "RuntimeError: job 2 broke"
+        assert first["attempts"] == 3
+        assert first["body"] == '{"n":2}'
+        assert first["failed_at"] == "2030-01-01T00:01:00+00:00"
+        # The last page is short; the order is the queue's, the same on every read.
+        tail = await ok(await client.get(f"/api/dead-letters/{job.name}?offset=5&limit=50"))
+        assert [letter["message_id"] for letter in tail["letters"]] == ["dl-5", "dl-6"]
+        capped = await ok(await client.get(f"/api/dead-letters/{job.name}?limit=100000"))
+        assert capped["limit"] == 200
+        assert (await client.get(f"/api/dead-letters/{job.name}?offset=x")).status == 400
+
+        detail = await ok(await client.get(f"/api/dead-letters/{job.name}/dl-4"))
+        letter = detail["letter"]
+        assert letter["message_id"] == "dl-4"
+        assert letter["traceback"] == "Traceback (most recent call last):\n  line 4\n"
+        assert letter["error_type"] == "RuntimeError"
+        assert letter["headers"][_codec.TASK] == job.name
+        assert letter["headers"][_codec.ATTEMPT] == "3"
+        assert letter["content_type"] == "application/json"
+        assert letter["body"] == '{"n":4}'
+        gone = await client.get(f"/api/dead-letters/{job.name}/no-such-id")
+        assert gone.status == 404
+        assert "no-such-id" in (await gone.json())["error"]
+        assert (await client.get("/api/dead-letters/no.such.task")).status == 404
+    assert await queue_depth(amqp, f"{job.queue}.dead") == 7
+
+
+async def test_a_large_body_is_previewed_within_its_bound(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    async with amqp.channel() as channel:
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"x" * 200_000, message_id="big", headers={"h": "y" * 10_000}),
+            routing_key=f"{job.queue}.dead",
+        )
+    async with dashboard(app) as client:
+        (listed,) = (await ok(await client.get(f"/api/dead-letters/{job.name}")))["letters"]
+        assert listed["body_size"] == 200_000
+        assert listed["body_truncated"] is True
+        assert len(listed["body"]) == 1024
+        letter = (await ok(await client.get(f"/api/dead-letters/{job.name}/big")))["letter"]
+        assert len(letter["body"]) == 64 * 1024
+        assert len(letter["headers"]["h"]) < 4100
+
+
+async def test_replay_of_one_a_selection_and_all_moves_them_to_the_work_queue(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    await put_dead_letters(amqp, job, 6)
+    async with dashboard(app) as client:
+        one = await post(client, f"/api/dead-letters/{job.name}/replay", {"ids": ["dl-1"]})
+        assert await ok(one) == {"replayed": 1}
+        assert await queue_depth(amqp, job.queue) == 1
+        assert await dead_ids(client, job.name) == ["dl-0", "dl-2", "dl-3", "dl-4", "dl-5"]
+
+        some = await post(client, f"/api/dead-letters/{job.name}/replay", {"ids": ["dl-3", "dl-5"]})
+        assert await ok(some) == {"replayed": 2}
+        assert await dead_ids(client, job.name) == ["dl-0", "dl-2", "dl-4"]
+
+        every = await post(client, f"/api/dead-letters/{job.name}/replay", {"all": True})
+        assert await ok(every) == {"replayed": 3}
+        assert await dead_ids(client, job.name) == []
+    assert await queue_depth(amqp, job.queue) == 6
+    async with amqp.channel() as channel:
+        work = await channel.declare_queue(job.queue, passive=True)
+        message = await work.get()
+        assert message.message_id == "dl-1"
+        assert _codec.REASON not in (message.headers or {})  # starts afresh
+        await message.nack(requeue=True)
+
+
+async def test_a_replay_the_work_queue_refuses_keeps_the_dead_letter(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job, max_length=1)
+    app = make_app([job])
+    await app.declare()
+    async with app:
+        with pytest.raises(amqtask.QueueFull):  # the work queue is full now
+            for n in range(5):
+                await app.send(job, Job(n=n))
+    full = await queue_depth(amqp, job.queue)
+    await put_dead_letters(amqp, job, 2)
+    async with dashboard(app) as client:
+        refused = await post(client, f"/api/dead-letters/{job.name}/replay", {"ids": ["dl-0"]})
+        assert refused.status == 502
+        assert "refused" in (await refused.json())["error"]
+        # No confirm, no removal: the dead letter stays where it was.
+        assert await dead_ids(client, job.name) == ["dl-0", "dl-1"]
+    assert await queue_depth(amqp, job.queue) == full
+
+
+async def test_purge_by_id_deletes_only_those_and_purge_all_empties_the_queue(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    await put_dead_letters(amqp, job, 5)
+    async with dashboard(app) as client:
+        some = await post(client, f"/api/dead-letters/{job.name}/purge", {"ids": ["dl-0", "dl-3"]})
+        assert await ok(some) == {"purged": 2}
+        assert await dead_ids(client, job.name) == ["dl-1", "dl-2", "dl-4"]
+        assert await queue_depth(amqp, job.queue) == 0  # deleted, not replayed
+        every = await post(client, f"/api/dead-letters/{job.name}/purge", {"all": True})
+        assert await ok(every) == {"purged": 3}
+        assert await dead_ids(client, job.name) == []
+        bad = await post(client, f"/api/dead-letters/{job.name}/purge", {"ids": []})
+        assert bad.status == 400
+
+
+# --- safety ---------------------------------------------------------------------------------------
+
+
+async def test_write_actions_need_the_action_header_and_json_and_read_only_refuses_them(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    await put_dead_letters(amqp, job, 1)
+    path = f"/api/dead-letters/{job.name}/purge"
+    async with dashboard(app) as client:
+        no_header = await client.post(path, json={"all": True})
+        assert no_header.status == 403
+        assert "X-Amqtask-Action" in (await no_header.json())["error"]
+        form = await client.post(path, data={"all": "true"}, headers=ACTION)
+        assert form.status == 415
+        assert (await client.get(path)).status in (404, 405)  # no write by GET
+    assert await queue_depth(amqp, f"{job.queue}.dead") == 1
+    async with dashboard(app, read_only=True) as client:
+        assert (await ok(await client.get("/api/config")))["read_only"] is True
+        for action in ("purge", "replay"):
+            refused = await post(client, f"/api/dead-letters/{job.name}/{action}", {"all": True})
+            assert refused.status == 403
+            assert await refused.json() == {"error": "read-only"}
+        assert (await ok(await client.get(f"/api/dead-letters/{job.name}")))["count"] == 1
+    assert await queue_depth(amqp, f"{job.queue}.dead") == 1
+
+
+async def test_with_auth_every_request_needs_the_password(
+    make_app: AppFactory, unique: str
+) -> None:
+    app = make_app([amqtask.contract(f"{unique}.job", Job)])
+    async with dashboard(app, auth="admin:s3cret") as client:
+        for path in ("/", "/api/config", "/static/app.js"):
+            refused = await client.get(path)
+            assert refused.status == 401
+            assert refused.headers["WWW-Authenticate"].startswith("Basic")
+        wrong = base64.b64encode(b"admin:guess").decode()
+        assert (
+            await client.get("/api/config", headers={"Authorization": f"Basic {wrong}"})
+        ).status == 401
+        right = base64.b64encode(b"admin:s3cret").decode()
+        answer = await client.get("/api/config", headers={"Authorization": f"Basic {right}"})
+        assert answer.status == 200
+        assert "s3cret" not in await answer.text()
+
+
+async def test_a_request_naming_another_host_is_refused(make_app: AppFactory, unique: str) -> None:
+    app = make_app([amqtask.contract(f"{unique}.job", Job)])
+    async with dashboard(app) as client:
+        port = client.port
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+            assert (await client.get("/api/config", headers={"Host": host})).status == 200
+        for host in (f"evil.example:{port}", "attacker.test", f"10.0.0.1:{port}"):
+            refused = await client.get("/api/config", headers={"Host": host})
+            assert refused.status == 421
+            assert "error" in await refused.json()
+
+
+def test_a_dashboard_on_another_host_than_loopback_needs_auth(
+    make_app: AppFactory, unique: str
+) -> None:
+    app = make_app([amqtask.contract(f"{unique}.job", Job)])
+    with pytest.raises(ValueError, match="needs auth"):
+        create_dashboard(app, host="0.0.0.0")
+    create_dashboard(app, host="0.0.0.0", auth="a:b")
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_broker_that_is_down_gives_503_and_the_server_keeps_serving(
+    unique: str,
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = amqtask.App(
+        f"amqp://guest:Hunter2Secret@127.0.0.1:{_closed_port()}/",
+        [job],
+        namespace=unique,
+        connect_timeout=1.0,
+    )
+    async with dashboard(app) as client:
+        texts = []
+        for path in ("/api/overview", f"/api/dead-letters/{job.name}", "/api/schedules"):
+            response = await client.get(path)
+            texts.append(await response.text())
+            assert response.status in (200, 503), path
+            if path != "/api/schedules":  # no schedules: nothing to ask the broker
+                assert response.status == 503
+                assert (await response.json())["error"].startswith("broker unreachable")
+        refused = await post(client, f"/api/dead-letters/{job.name}/replay", {"all": True})
+        assert refused.status == 503
+        texts.append(await refused.text())
+        config = await client.get("/api/config")
+        assert config.status == 200
+        texts.append(await config.text())
+        texts.append(await (await client.get("/api/rates")).text())
+        assert all("Hunter2Secret" not in text for text in texts)
+        again = await client.get("/api/overview")  # still serving, still telling why
+        assert again.status == 503
+
+
+# --- schedules, workers, tasks --------------------------------------------------------------------
+
+
+async def test_schedules_are_listed_and_paused_and_resumed(
+    make_app: AppFactory, unique: str
+) -> None:
+    tick = amqtask.contract(f"{unique}.tick", Job)
+    app = make_app([tick], schedules=[amqtask.schedule("beat", tick, Job(n=1), every=60)])
+    await app.declare()
+    async with dashboard(app) as client:
+        listed = await ok(await client.get("/api/schedules"))
+        (row,) = listed["schedules"]
+        assert (row["name"], row["task"], row["paused"]) == ("beat", tick.name, False)
+        assert row["next_due"] is not None
+
+        paused = await post(client, "/api/schedules/beat/pause", {})
+        assert await ok(paused) == {"name": "beat", "paused": True}
+        (row,) = (await ok(await client.get("/api/schedules")))["schedules"]
+        assert row["paused"] is True
+
+        resumed = await post(client, "/api/schedules/beat/resume", {})
+        assert await ok(resumed) == {"name": "beat", "paused": False}
+        (row,) = (await ok(await client.get("/api/schedules")))["schedules"]
+        assert row["paused"] is False
+
+        unknown = await post(client, "/api/schedules/nope/pause", {})
+        assert unknown.status == 404
+
+
+async def test_workers_list_a_running_worker_with_what_it_answers_to_inspect(
+    make_app: AppFactory, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+
+    @app.handler(job)
+    async def handle(task: Job) -> None:
+        pass
+
+    await app.declare()
+    viewer = make_app([job])
+    async with dashboard(viewer) as client:
+        empty = await ok(await client.get("/api/workers"))
+        assert empty == {"workers": [], "available": False, "inspected": False}
+        async with running(app, concurrency=3):
+            data = await ok(await client.get("/api/workers"))
+    (worker,) = data["workers"]
+    assert worker["pid"] == os.getpid()
+    assert worker["concurrency"] == 3
+    assert worker["in_flight"] == 0
+    assert job.queue in worker["queues"]
+    assert data["inspected"] is True
+    assert data["available"] is False  # no management API: the listing is the answers alone
+
+
+async def test_tasks_of_the_store_are_searched_shown_with_a_timeline_and_revoked(
+    make_app: AppFactory, unique: str, tmp_path: Path
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    other = amqtask.contract(f"{unique}.other", Job)
+    app = make_app([job, other], store=f"sqlite:///{tmp_path / 'tasks.db'}")
+    await app.declare()
+    async with app:
+        first = await app.send(job, Job(n=1))
+        second = await app.send(other, Job(n=2))
+        delayed = await app.send(job, Job(n=3), delay=3600)
+    async with dashboard(app) as client:
+        assert (await ok(await client.get("/api/config")))["store"] is True
+        listed = await ok(await client.get("/api/tasks"))
+        assert listed["store"] is True
+        assert {t["id"] for t in listed["tasks"]} == {first, second, delayed}
+        by_name = await ok(await client.get(f"/api/tasks?task={other.name}"))
+        assert [t["id"] for t in by_name["tasks"]] == [second]
+        scheduled = await ok(await client.get("/api/tasks?state=scheduled&since=1h"))
+        assert [t["id"] for t in scheduled["tasks"]] == [delayed]
+        by_id = await ok(await client.get(f"/api/tasks?id={first}"))
+        assert [t["id"] for t in by_id["tasks"]] == [first]
+        assert (await ok(await client.get("/api/tasks?since=2999-01-01T00:00:00Z")))["tasks"] == []
+        assert (await client.get("/api/tasks?since=soon")).status == 400
+
+        shown = await ok(await client.get(f"/api/tasks/{delayed}"))
+        assert shown["task"]["state"] == "scheduled"
+        assert [e["event"] for e in shown["timeline"]] == ["scheduled"]
+        assert (await client.get("/api/tasks/no-such-task")).status == 404
+
+        revoked = await post(client, f"/api/tasks/{delayed}/revoke", {"terminate": False})
+        assert await ok(revoked) == {"id": delayed, "revoked": True}
+
+        async def is_revoked() -> bool:
+            data = await ok(await client.get(f"/api/tasks/{delayed}"))
+            return bool(data["task"]["revoke_requested"])
+
+        await wait_for(is_revoked)
+
+
+async def test_without_a_store_tasks_are_an_empty_list(make_app: AppFactory, unique: str) -> None:
+    app = make_app([amqtask.contract(f"{unique}.job", Job)])
+    async with dashboard(app) as client:
+        assert await ok(await client.get("/api/tasks")) == {"store": False, "tasks": []}
+        assert (await client.get("/api/tasks/x")).status == 404
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def test_the_command_refuses_another_host_without_auth(
+    tmp_path: Path, broker_url: str, unique: str
+) -> None:
+    target = write_app_module(
+        tmp_path, broker_url, unique, job=f'amqtask.contract("{unique}.job", Job)'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "amqtask", "dashboard", target, "--host", "0.0.0.0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "AMQTASK_DASHBOARD_AUTH": ""},
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--auth" in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("Error")]) == 1
+
+
+async def test_the_command_serves_the_dashboard_until_sigterm(
+    tmp_path: Path, broker_url: str, unique: str
+) -> None:
+    target = write_app_module(
+        tmp_path, broker_url, unique, job=f'amqtask.contract("{unique}.job", Job)'
+    )
+    port = _closed_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "amqtask",
+        "dashboard",
+        target,
+        "--port",
+        str(port),
+        "--read-only",
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+
+        def config() -> Any:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/config", timeout=2) as r:
+                    return r.read()
+            except OSError:
+                return None
+
+        answer: list[bytes] = []
+
+        async def answered() -> bool:
+            body = await asyncio.to_thread(config)
+            if body:
+                answer.append(body)
+            return bool(body)
+
+        await wait_for(answered, timeout=30, interval=0.2)
+        assert b'"read_only":true' in answer[0]
+        assert f'"app":"{target}"'.encode() in answer[0]
+    finally:
+        process.terminate()
+        code = await asyncio.wait_for(process.wait(), 20)
+    assert code == 0
