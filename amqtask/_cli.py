@@ -26,6 +26,7 @@ from amqtask import (
     _asyncapi,
     _cluster,
     _codec,
+    _control,
     _dead_letters,
     _evolution,
     _logging,
@@ -953,12 +954,27 @@ def contracts_asyncapi(app_path: str, output: Any, title: str | None, api_versio
     help="The management API, e.g. http://guest:guest@127.0.0.1:15672, for unacked counts and "
     "rates [env: AMQTASK_MANAGEMENT_URL; default: AMQP only].",
 )
+@click.option(
+    "--no-inspect",
+    is_flag=True,
+    help="Do not ask the running workers how they are (the Workers section).",
+)
+@click.option(
+    "--inspect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for the workers' answers.",
+)
 def status(
     app_path: str,
     as_json: bool,
     watch: float | None,
     count: int | None,
     management_url: str | None,
+    no_inspect: bool,
+    inspect_timeout: float,
 ) -> None:
     """Show, per task: ready and unacked messages, consumers, dead letters; and delayed messages.
     With a task store, also how many tasks it holds in each state, per task.
@@ -966,6 +982,11 @@ def status(
     Over AMQP alone (passive declares) unacked counts and in/out rates are unknown and shown as
     '?' (null in JSON); --management-url adds them, and falls back to AMQP with a warning when
     the API cannot be reached. A missing queue is shown as missing.
+
+    Workers: each running worker is asked over the control exchange (waiting --inspect-timeout
+    for answers) for its queues, the deliveries it holds now, and its process pool's children
+    (alive of size, busy, recycled, crashed, killed on time limit); "workers" in JSON, null
+    with --no-inspect.
 
     \b
     Example:
@@ -992,6 +1013,11 @@ def status(
                 data = _status.report(app.contracts, app.names, sample, previous)
                 if app.store is not None:
                     data["store"] = await _store_counts(app)
+                data["workers"] = (
+                    None
+                    if no_inspect
+                    else await _control.inspect_workers(app, timeout=inspect_timeout)
+                )
                 if as_json:
                     click.echo(orjson.dumps(data).decode())
                     for warning in data["warnings"]:
@@ -1002,6 +1028,8 @@ def status(
                     click.echo(_status.render(data))
                     if "store" in data:
                         click.echo(_store_report.render_counts(**data["store"]))
+                    if data["workers"] is not None:
+                        click.echo(_control.render_workers(data["workers"], inspect_timeout))
                 samples += 1
                 if watch is None or (count is not None and samples >= count):
                     return

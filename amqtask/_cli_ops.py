@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import click
 import orjson
 
-from amqtask import _logging, _operator, _status
+from amqtask import _control, _logging, _operator, _status
 from amqtask._cli import _fail, _run, _task, cli, load_app
 
 
@@ -68,6 +68,8 @@ def workers(app_path: str, as_json: bool, management_url: str | None) -> None:
     Per worker process: host, pid, concurrency, prefetch, pool, when it started and when its
     connection opened, as the management API lists consumers and connections (a worker names
     its connection after itself). Consumers of other programs are listed by connection name.
+    The workers that answer over the control exchange within a second add the deliveries they
+    hold (in flight) and their process pool's children (null in JSON for those that do not).
     Exits 1 when the management API cannot be reached.
 
     \b
@@ -89,6 +91,12 @@ def workers(app_path: str, as_json: bool, management_url: str | None) -> None:
         report = _operator.fetch_workers(app, management)
     except _status.ManagementUnavailable as exc:
         _fail(f"{exc} (`amqtask workers` needs the management API: --management-url)")
+    if any(w["amqtask_worker"] for w in report["workers"]):
+
+        async def inspect() -> list[dict[str, object]]:
+            return await _control.inspect_workers(app)
+
+        _control.merge_into_workers(report, _run(app, inspect))
     if as_json:
         click.echo(orjson.dumps(report).decode())
     else:

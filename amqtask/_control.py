@@ -25,7 +25,7 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiormq
@@ -136,6 +136,38 @@ def parse_request(body: bytes, reply_to: str | None, correlation_id: str | None)
     return op if op == INSPECT else None
 
 
+def merge_into_workers(report: dict[str, Any], replies: Iterable[Mapping[str, Any]]) -> None:
+    """Add `in_flight` and `pool_children` (the answer's `pool`; the report's `pool` is the
+    pool's kind) to each worker of an `amqtask workers` report (`amqtask._operator.
+    workers_report`) that answered `inspect`, matched by connection name; null for the others."""
+    answered = {str(reply.get("name")): reply for reply in replies}
+    listed = [*report["workers"], *(w for queue in report["queues"] for w in queue["workers"])]
+    for worker in listed:
+        reply = answered.get(str(worker.get("connection")), {})
+        worker["in_flight"] = reply.get("in_flight")
+        worker["pool_children"] = reply.get("pool")
+
+
+def render_workers(replies: Sequence[Mapping[str, Any]], timeout: float) -> str:
+    """The Workers section of `amqtask status`: one line per worker that answered."""
+    if not replies:
+        return (
+            f"Workers: no worker answered within {timeout:g} s (none running, or their "
+            "connection or event loop is busy)"
+        )
+    lines = [f"Workers ({len(replies)} answered)"]
+    for reply in replies:
+        pool = reply.get("pool")
+        children = _operator.pool_summary(pool) if isinstance(pool, Mapping) else None
+        lines.append(
+            f"  {reply.get('host')} pid {reply.get('pid')}  "
+            f"queues {', '.join(map(str, reply.get('queues') or ())) or '-'}  "
+            f"in flight {reply.get('in_flight')} (prefetch {reply.get('prefetch')})  "
+            + (f"pool {children}" if children else "no process pool")
+        )
+    return "\n".join(lines)
+
+
 # --- the worker's side --------------------------------------------------------------------------
 
 
@@ -229,7 +261,7 @@ async def inspect_workers(app: App, *, timeout: float = 1.0) -> list[dict[str, A
     """
     exchange = app.names.control_exchange
     correlation_id = uuid.uuid4().hex
-    replies: dict[str, dict[str, Any]] = {}
+    replies: list[dict[str, Any]] = []  # one per worker: each answers a request once
 
     async def on_reply(message: aiormq.abc.DeliveredMessage) -> None:
         if message.header.properties.correlation_id != correlation_id:
@@ -239,7 +271,7 @@ async def inspect_workers(app: App, *, timeout: float = 1.0) -> list[dict[str, A
         except orjson.JSONDecodeError:
             return
         if isinstance(data, dict):
-            replies[str(data.get("name"))] = data
+            replies.append(data)
 
     connection = await open_connection(
         app.urls, name="amqtask-inspect", timeout=app.connect_timeout
@@ -275,4 +307,4 @@ async def inspect_workers(app: App, *, timeout: float = 1.0) -> list[dict[str, A
                 )
             elif error is not None:
                 raise error
-    return [replies[name] for name in sorted(replies)]
+    return sorted(replies, key=lambda reply: str(reply.get("name")))

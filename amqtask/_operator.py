@@ -158,6 +158,7 @@ def render_workers(report: Mapping[str, Any]) -> str:
                     f"prefetch {prefetch}  pool {w['pool']}  started {w['started']}  "
                     f"connected {w['connected_at'] or '?'}  from {w['peer']}"
                 )
+                lines.extend(_inspected(w))
             else:
                 lines.append(
                     f"    {w['connection']!r} (not an amqtask worker)  prefetch {prefetch}  "
@@ -166,6 +167,27 @@ def render_workers(report: Mapping[str, Any]) -> str:
     count = sum(1 for w in report["workers"] if w["amqtask_worker"])
     lines.append(f"{count} worker process(es)")
     return "\n".join(lines)
+
+
+def pool_summary(pool: Mapping[str, Any]) -> str:
+    """A process pool as a worker answered `inspect` (`amqtask._control.pool_reply`):
+    `4/4 alive, 1 busy, recycled 0, crashed 1, killed on time limit 1`."""
+    return (
+        f"{pool.get('alive')}/{pool.get('size')} alive, {pool.get('busy')} busy, "
+        f"recycled {pool.get('recycled')}, crashed {pool.get('crashed')}, "
+        f"killed on time limit {pool.get('killed_time_limit')}"
+    )
+
+
+def _inspected(worker: Mapping[str, Any]) -> list[str]:
+    """What a worker answered over the control exchange (`amqtask._control`), if it did."""
+    if worker.get("in_flight") is None:
+        return []
+    children = worker.get("pool_children")
+    line = f"      in flight {worker['in_flight']}"
+    if isinstance(children, Mapping):
+        line += f"  children {pool_summary(children)}"
+    return [line]
 
 
 def fetch_workers(app: App, management: Management) -> dict[str, Any]:

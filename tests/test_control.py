@@ -7,7 +7,13 @@ from typing import Any
 
 import orjson
 
-from amqtask._control import parse_request, pool_reply, worker_reply
+from amqtask._control import (
+    merge_into_workers,
+    parse_request,
+    pool_reply,
+    render_workers,
+    worker_reply,
+)
 from amqtask._operator import worker_connection_name
 from amqtask._pool import ChildPool, Environment
 
@@ -109,3 +115,45 @@ def test_a_reply_to_that_names_a_queue_is_refused() -> None:
     # Answering there would publish into any queue the sender names, a work queue included.
     assert parse_request(b'{"op": "inspect"}', "orders", "c1") is None
     assert parse_request(b'{"op": "inspect"}', "amqtask.control.x", "c1") is None
+
+
+def workers_listing(*connections: str) -> dict[str, Any]:
+    """An `amqtask workers` report's shape (`amqtask._operator.workers_report`)."""
+    workers = [{"connection": c, "amqtask_worker": True, "pool": "process"} for c in connections]
+    return {
+        "queues": [{"queue": "orders", "workers": [dict(w) for w in workers]}],
+        "workers": workers,
+    }
+
+
+def test_workers_that_answered_get_in_flight_and_pool_children_the_others_null() -> None:
+    listing = workers_listing("a worker host=x pid=1", "a worker host=y pid=2")
+    children = {"size": 2, "alive": 2, "busy": 1, "recycled": 0, "crashed": 0}
+    answered = reply("a worker host=x pid=1", in_flight=4, pool=children)
+
+    merge_into_workers(listing, [answered])
+
+    for worker in (listing["workers"][0], listing["queues"][0]["workers"][0]):
+        assert worker["in_flight"] == 4
+        assert worker["pool_children"] == children
+        assert worker["pool"] == "process"  # the pool's kind, as before
+    for worker in (listing["workers"][1], listing["queues"][0]["workers"][1]):
+        assert worker["in_flight"] is None
+        assert worker["pool_children"] is None
+
+
+def test_the_workers_section_shows_in_flight_and_the_pool_or_says_nobody_answered() -> None:
+    children = pool_reply([pool(4, busy=1, crashed=1, killed_time_limit=2)])
+    assert children is not None
+    children["alive"] = 3
+    pooled = reply(worker_connection_name("shop", concurrency=4, prefetch=16, pool="process"))
+    text = render_workers([{**pooled, "pool": children}, reply("other")], timeout=1.0)
+
+    lines = text.splitlines()
+    assert lines[0] == "Workers (2 answered)"
+    assert lines[1].endswith(
+        "queues orders, orders.due  in flight 3 (prefetch 16)  pool 3/4 alive, 1 busy, "
+        "recycled 0, crashed 1, killed on time limit 2"
+    )
+    assert lines[2].endswith("in flight 3 (prefetch 16)  no process pool")
+    assert render_workers([], timeout=2.5).startswith("Workers: no worker answered within 2.5 s")

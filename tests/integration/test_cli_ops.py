@@ -180,8 +180,11 @@ async def test_workers_shows_each_worker_process_consuming_a_queue(
     assert serving["queues"] == {job.queue: 3, f"{job.queue}.due": 3}
     assert serving["started"]
     assert serving["connected_at"]
+    # It answered over the control exchange: no delivery held, no process pool.
+    assert (serving["in_flight"], serving["pool_children"]) == (0, None)
     assert by_queue[idle.queue]["workers"] == []
     assert f"pid {worker.pid}  concurrency 3  prefetch 3  pool thread" in text.stdout
+    assert "      in flight 0\n" in text.stdout
     assert f"{idle.queue}  ({idle.name} v1)\n    no consumer" in text.stdout
 
     unreachable = run_amqtask(

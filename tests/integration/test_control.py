@@ -1,0 +1,205 @@
+"""Asking running workers how they are over the control exchange, against the real broker:
+`amqtask status`'s Workers section and `inspect_workers`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractConnection
+
+import amqtask
+from amqtask._control import inspect_workers
+from tests import pool_handlers as h
+
+from .conftest import AppFactory, dead_letters, running, wait_for, write_app_module
+
+NO_RETRY = amqtask.Retry(attempts=1)
+
+
+async def amqtask_cli(tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    """`python -m amqtask ARGS` in a subprocess, without blocking this event loop (the workers
+    under test run on it and must answer meanwhile)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "amqtask",
+        *args,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def status_json(tmp_path: Path, target: str, *args: str) -> dict[str, Any]:
+    code, stdout, stderr = await amqtask_cli(tmp_path, "status", target, "--json", *args)
+    assert code == 0, stderr
+    data: dict[str, Any] = json.loads(stdout)
+    return data
+
+
+def status_app(tmp_path: Path, broker_url: str, unique: str, *tasks: str) -> str:
+    """An app module on the test's namespace with these tasks (the workers' contracts)."""
+    return write_app_module(
+        tmp_path,
+        broker_url,
+        unique,
+        **{f"t{i}": f'amqtask.contract("{task}", Job)' for i, task in enumerate(tasks)},
+    )
+
+
+async def test_status_shows_the_pool_children_crashed_and_killed_at_their_time_limit_and_replaced(
+    make_app: AppFactory, amqp: AbstractConnection, broker_url: str, unique: str, tmp_path: Path
+) -> None:
+    crash = amqtask.contract(f"{unique}.crash", h.Job, retry=NO_RETRY)
+    stuck = amqtask.contract(f"{unique}.stuck", h.Job, retry=NO_RETRY, time_limit=1.0)
+    app = make_app([crash, stuck])
+    app.handler(crash)(h.exit_now)  # the child exits mid-task
+    app.handler(stuck)(h.spin)  # a CPU loop: the child is killed at 1 s
+    await app.declare()
+    target = status_app(tmp_path, broker_url, unique, crash.name, stuck.name)
+    async with running(app, pool="process", concurrency=2), make_app([crash, stuck]) as producer:
+        await producer.send(crash, h.Job(n=1))
+        await producer.send(stuck, h.Job(n=2))
+        (crashed,) = await dead_letters(amqp, crash.queue, 1)
+        (killed,) = await dead_letters(amqp, stuck.queue, 1)
+
+        async def both_replaced() -> bool:
+            replies = await inspect_workers(producer, timeout=0.5)
+            return len(replies) == 1 and replies[0]["pool"]["alive"] == 2
+
+        await wait_for(both_replaced, timeout=60)
+        data = await status_json(tmp_path, target)
+
+    assert crashed.headers["amqtask-reason"] == "crashed"
+    assert killed.headers["amqtask-reason"] == "time_limit"
+    (worker,) = data["workers"]
+    assert worker["pool"] == {
+        "size": 2,
+        "alive": 2,
+        "busy": 0,
+        "recycled": 0,
+        "crashed": 1,
+        "killed_time_limit": 1,
+    }
+    assert worker["pool_type"] == "process"
+    assert worker["in_flight"] == 0
+    assert sorted(worker["queues"]) == sorted(
+        [crash.queue, f"{crash.queue}.due", stuck.queue, f"{stuck.queue}.due"]
+    )
+    assert worker["processed"] == {"failed": 2}
+    assert worker["pid"] == os.getpid()
+
+
+async def test_a_worker_without_a_pool_answers_pool_null_and_counts_the_delivery_it_holds(
+    make_app: AppFactory, broker_url: str, unique: str, tmp_path: Path
+) -> None:
+    job = amqtask.contract(f"{unique}.job", h.Job)
+    app = make_app([job])
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @app.handler(job)
+    async def blocked(task: h.Job) -> None:
+        started.set()
+        await release.wait()
+
+    await app.declare()
+    target = status_app(tmp_path, broker_url, unique, job.name)
+    async with running(app, concurrency=3), make_app([job]) as producer:
+        await producer.send(job, h.Job(n=1))
+        await asyncio.wait_for(started.wait(), 20)
+        data = await status_json(tmp_path, target)
+        code, text, stderr = await amqtask_cli(tmp_path, "status", target)
+        release.set()
+
+    (worker,) = data["workers"]
+    assert worker["pool"] is None
+    assert worker["in_flight"] == 1
+    assert worker["running"] == 1
+    assert worker["concurrency"] == 3
+    assert worker["queues"] == [job.queue, f"{job.queue}.due"]
+    assert code == 0, stderr
+    assert "Workers (1 answered)" in text
+    assert f"pid {os.getpid()}" in text
+    assert "in flight 1 (prefetch 3)  no process pool" in text
+
+
+async def test_every_running_worker_answers(make_app: AppFactory, unique: str) -> None:
+    job = amqtask.contract(f"{unique}.job", h.Job)
+    first, second = make_app([job], name="first"), make_app([job], name="second")
+    for app in (first, second):
+        app.handler(job)(h.echo_async)
+    await first.declare()
+    async with running(first), running(second), make_app([job]) as asker:
+        replies = await inspect_workers(asker, timeout=1.0)
+
+    assert [reply["name"].split(" worker ")[0] for reply in replies] == ["first", "second"]
+    assert all(reply["pool"] is None for reply in replies)
+
+
+async def test_status_without_a_running_worker_says_no_worker_answered(
+    make_app: AppFactory, broker_url: str, unique: str, tmp_path: Path
+) -> None:
+    job = amqtask.contract(f"{unique}.job", h.Job)
+    await make_app([job]).declare()
+    target = status_app(tmp_path, broker_url, unique, job.name)
+
+    data = await status_json(tmp_path, target, "--inspect-timeout", "0.5")
+    skipped = await status_json(tmp_path, target, "--no-inspect")
+    code, text, stderr = await amqtask_cli(tmp_path, "status", target)
+
+    assert data["workers"] == []
+    assert skipped["workers"] is None
+    assert code == 0, stderr
+    assert "Workers: no worker answered within 1 s" in text
+
+
+async def test_a_worker_on_an_app_declared_without_the_control_exchange_runs_on(
+    make_app: AppFactory, broker_url: str, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", h.Job, returns=h.Done)
+    app = make_app([job])
+    app.handler(job)(h.echo_async)
+    await app.declare()
+    connection = await aio_pika.connect(broker_url)
+    async with connection, connection.channel() as channel:
+        await channel.exchange_delete(app.names.control_exchange)  # as an older declare left it
+
+    async with running(app), make_app([job]) as caller:
+        done = await caller.call(job, h.Job(n=7), timeout=20)
+        replies = await inspect_workers(caller, timeout=0.5)
+
+    assert done.n == 7
+    assert replies == []
+
+
+@pytest.mark.parametrize(
+    "request_body",
+    [b"not json", b'{"op": "shutdown"}', b'{"op": "inspect"}'],
+    ids=["malformed", "unknown-op", "no-reply-to"],
+)
+async def test_a_request_a_worker_cannot_answer_is_ignored_and_the_worker_answers_the_next(
+    make_app: AppFactory, broker_url: str, unique: str, request_body: bytes
+) -> None:
+    job = amqtask.contract(f"{unique}.job", h.Job)
+    app = make_app([job])
+    app.handler(job)(h.echo_async)
+    await app.declare()
+    async with running(app), make_app([job]) as asker:
+        connection = await aio_pika.connect(broker_url)
+        async with connection, connection.channel() as channel:
+            exchange = await channel.get_exchange(app.names.control_exchange)
+            await exchange.publish(aio_pika.Message(request_body), routing_key="")
+        replies = await inspect_workers(asker, timeout=1.0)
+
+    assert len(replies) == 1
