@@ -42,7 +42,7 @@ from amqtask._schedule_state import (
     decode,
     encode,
 )
-from amqtask._transport import DIRECT_REPLY_TO, _publish, open_connection
+from amqtask._transport import DIRECT_REPLY_TO, _publish, open_own_connection
 
 DEFAULT_TIMEOUT = 3.0  # seconds to wait for the active scheduler's answer, then for the queue
 
@@ -66,7 +66,9 @@ def _now() -> int:
 
 
 async def _connect(app: App, what: str) -> AbstractConnection:
-    return await open_connection(app.urls, name=f"amqtask {what}", timeout=app.connect_timeout)
+    return await open_own_connection(
+        app.transport, app.urls, name=f"amqtask {what}", timeout=app.connect_timeout
+    )
 
 
 async def _check_queue(connection: AbstractConnection, queue: str) -> None:

@@ -73,7 +73,7 @@ from amqtask._schedule_state import (
     encode,
 )
 from amqtask._startup import BROKER_BACKOFF
-from amqtask._transport import _LOST_ERRORS, _publish, open_connection
+from amqtask._transport import _LOST_ERRORS, _publish, open_own_connection
 
 log = structlog.get_logger("amqtask.scheduler")
 
@@ -165,6 +165,9 @@ class Scheduler:
         self.messages = {
             item.name: _codec.encode_task(item.contract, item.payload) for item in app.schedules
         }
+        # Seconds between looks at the clock while no tick is due. `amqtask.testing` raises it:
+        # its virtual wall clock never steps, and an hour of 1-second wakes would be 3,600 steps.
+        self.max_sleep = MAX_SLEEP
         self.active = False
         self.since: int | None = None  # when this replica last became active
         self.takeovers = 0  # times this replica became active
@@ -209,7 +212,9 @@ class Scheduler:
     async def _open(self) -> _Session:
         urls = [with_heartbeat(url, self.heartbeat) for url in self.app.urls]
         name = f"amqtask-scheduler {self.identity.host} pid {self.identity.pid}"
-        connection = await open_connection(urls, name=name, timeout=self.app.connect_timeout)
+        connection = await open_own_connection(
+            self.app.transport, urls, name=name, timeout=self.app.connect_timeout
+        )
         try:
             return await _Session.open(self, connection)
         except BaseException:
@@ -479,9 +484,9 @@ class _Session:
                 await self._compact(None, owner.now())
             if owner._stop.is_set():
                 return
-            wait = MAX_SLEEP
+            wait = owner.max_sleep
             if self.heap:
-                wait = min(max((self.heap[0][0] - owner.now()) / 1000, 0.0), MAX_SLEEP)
+                wait = min(max((self.heap[0][0] - owner.now()) / 1000, 0.0), owner.max_sleep)
             if wait > 0:
                 await self._wait(wait)
 

@@ -610,6 +610,19 @@ async def open_connection(
     raise all_failed(errors, urls)
 
 
+async def open_own_connection(
+    transport: object, url: str | Sequence[str], *, name: str, timeout: float
+) -> AbstractConnection:
+    """A connection of its own, for code that speaks AMQP itself (the scheduler, `amqtask
+    schedules`): from the app's transport when it opens such connections (the in-memory
+    broker's `MemoryTransport`), else `open_connection(url, ...)`."""
+    own = getattr(transport, "open_connection", None)
+    if own is not None:
+        connection: AbstractConnection = await own(name=name)
+        return connection
+    return await open_connection(url, name=name, timeout=timeout)
+
+
 class _FailoverConnection(aio_pika.RobustConnection):
     """A robust connection that reconnects to the next URL of its `HostCycle` whenever its node
     fails, pausing as the cycle says.

@@ -371,3 +371,21 @@ def test_the_testing_module_exports_exactly_its_public_names() -> None:
     assert set(amqtask.testing.__all__) == public
     for name in amqtask.testing.__all__:
         assert getattr(amqtask.testing, name).__module__.startswith("amqtask.testing.")
+
+
+async def test_the_amqp_type_property_is_carried_through_retries_and_dead_letters() -> None:
+    resize = amqtask.contract("images.resize", Resize, retry=amqtask.Retry(attempts=2, initial=1))
+    app = make_app(resize)
+
+    @app.handler(resize)
+    async def do_resize(job: Resize) -> None:
+        raise ValueError("too wide")
+
+    async with TestApp(app) as t:
+        await app.send(resize, Resize(path="a.png", width=64))
+        await t.advance(seconds=5)
+        (sent,) = t.sent(resize)
+        (letter,) = t.dead_letters(resize)
+
+    assert sent.type == resize.name  # as `send` publishes it: the task's name
+    assert letter.message.type == resize.name  # kept on the retried copy and the dead letter

@@ -26,6 +26,7 @@ from amqtask._app import App, Handler
 from amqtask._contract import Contract
 from amqtask._dead_letters import last_death_reason
 from amqtask._exceptions import PublishError, PublishInterrupted
+from amqtask._scheduler import Scheduler
 from amqtask._worker import Worker, WorkerSettings
 from amqtask.routing import dead_letter_queue_name, due_queue_name
 from amqtask.rpc import Caller
@@ -37,6 +38,7 @@ from amqtask.testing._transport import MemoryTransport
 
 DEFAULT_WORKER = WorkerSettings(concurrency=10, shutdown_timeout=2.0)
 _QUIET_TURNS = 5  # loop turns without a change before the system counts as settled
+_SCHEDULER_SLEEP = 3600.0  # seconds a scheduler sleeps at most with no tick due (see below)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,7 @@ class _Installed:
     transport: Any
     caller: Caller
     handlers: dict[tuple[str, int], Handler]
+    store_interval: float | None  # the store's batching interval, restored on exit
 
 
 class TestApp:
@@ -94,9 +97,11 @@ class TestApp:
 
     On entering, each app's transport is replaced by a `MemoryTransport` (restored on exit), its
     topology declared (unless `declare=False`) and a `Worker` started with `worker` settings for
-    each app with handlers (unless `workers=False`); apps without handlers are connected. The
-    virtual clock (`clock`) is installed on the running event loop. `drain_timeout` bounds, in
-    real seconds, how long `drain` and `advance` wait for handlers.
+    each app with handlers (unless `workers=False`); apps without handlers are connected. Each
+    app with schedules gets a started `Scheduler` (unless `schedulers=False`), active once
+    entered, which fires them on the virtual clock. The virtual clock (`clock`) is installed on
+    the running event loop. `drain_timeout` bounds, in real seconds, how long `drain` and
+    `advance` wait for handlers.
     """
 
     __test__ = False  # not a test class, whatever pytest makes of its name
@@ -106,6 +111,7 @@ class TestApp:
         *apps: App,
         worker: WorkerSettings = DEFAULT_WORKER,
         workers: bool = True,
+        schedulers: bool = True,
         declare: bool = True,
         drain_timeout: float = 10.0,
     ) -> None:
@@ -114,9 +120,11 @@ class TestApp:
         self.apps = apps
         self.broker = MemoryBroker()
         self.workers: list[Worker] = []
+        self.schedulers: list[Scheduler] = []
         self.drain_timeout = drain_timeout
         self._settings = worker
         self._start_workers = workers
+        self._start_schedulers = schedulers
         self._declare = declare
         self._clock: VirtualClock | None = None
         self._installed: dict[int, _Installed] = {}
@@ -149,6 +157,9 @@ class TestApp:
                     self.workers.append(worker)
                 else:
                     await app.connect()
+            for app in self.apps:
+                if self._start_schedulers and app.schedules:
+                    await self.start_scheduler(app)
         except BaseException:
             await self._close()
             raise
@@ -164,11 +175,14 @@ class TestApp:
 
     async def _close(self) -> None:
         try:
+            for scheduler in self.schedulers:
+                await scheduler.stop()
             for worker in self.workers:
                 await worker.stop()  # which closes its app
             for app in self.apps:
                 await app.close()
         finally:
+            self.schedulers.clear()
             self.workers.clear()
             for app in self.apps:
                 self._uninstall(app)
@@ -182,10 +196,21 @@ class TestApp:
     def _install(self, app: App) -> None:
         if isinstance(app.transport, MemoryTransport):
             raise RuntimeError(f"app {app!r} already runs in memory (one TestApp at a time)")
-        self._installed[id(app)] = _Installed(app.transport, app._caller, app.handlers)
+        tasks = app._tasks
+        self._installed[id(app)] = _Installed(
+            app.transport,
+            app._caller,
+            app.handlers,
+            None if tasks is None else tasks.recorder.interval,
+        )
         transport = MemoryTransport(self.broker)
         app.transport = transport
         app._caller = Caller(transport, app.names.task_exchange)
+        if tasks is not None:
+            tasks._transport = transport  # revocations are broadcast on the in-memory broker
+            # Records are written at once rather than gathered for 2 ms, so that `drain` and
+            # `advance` can wait until the store holds what happened.
+            tasks.recorder.interval = 0.0
         app.handlers = {key: self._wrap(handler) for key, handler in app.handlers.items()}
 
     def _uninstall(self, app: App) -> None:
@@ -194,6 +219,28 @@ class TestApp:
             app.transport = installed.transport
             app._caller = installed.caller
             app.handlers = installed.handlers
+            if app._tasks is not None and installed.store_interval is not None:
+                app._tasks._transport = installed.transport
+                app._tasks.recorder.interval = installed.store_interval
+
+    async def start_scheduler(self, app: App | None = None) -> Scheduler:
+        """Start a scheduler replica of `app` (default: the first app with schedules) on the
+        in-memory broker, stopped on exit. It becomes the active one when no other is (it is
+        once this returns), else it stands by and takes over when the active one stops:
+        `await t.schedulers[0].stop()`, time passing, then a replica shows the misfire policy.
+
+        Raises `ScheduleError` for an app without schedules.
+        """
+        if app is None:
+            app = next((a for a in self.apps if a.schedules), self.apps[0])
+        scheduler = Scheduler(app)
+        # The virtual wall clock never steps, so nothing is gained by looking at it every
+        # second; ticks, pauses and queries wake the scheduler anyway.
+        scheduler.max_sleep = _SCHEDULER_SLEEP
+        self.schedulers.append(scheduler)
+        await scheduler.start()
+        await self._quiesce()  # it has taken over, or stands by
+        return scheduler
 
     # --- handlers: counting runs, crashing on demand ----------------------------------------
 
@@ -304,6 +351,7 @@ class TestApp:
         in threads finish, outcomes are settled."""
         deadline = time.monotonic() + self.drain_timeout if deadline is None else deadline
         broker = self.broker
+        ready = getattr(asyncio.get_running_loop(), "_ready", ())  # asyncio's runnable callbacks
         seen, quiet, waiting = broker.activity, 0, 0
         while True:
             # Spin through the loop while work moves; once it only waits (a thread, a child
@@ -315,6 +363,11 @@ class TestApp:
                 await asyncio.get_running_loop().run_in_executor(None, time.sleep, 0.001)
             if broker.activity != seen:
                 seen, quiet, waiting = broker.activity, 0, 0
+                continue
+            if ready:  # other tasks can run on (a scheduler's round): not settled yet
+                quiet = 0
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the event loop kept busy for {self.drain_timeout} s")
                 continue
             if not self._busy():
                 quiet += 1
@@ -338,6 +391,9 @@ class TestApp:
         worker slot free, in a thread, being settled. Not those whose handler runs on the loop
         (it may wait on the clock), nor those waiting for a slot such handlers hold."""
         in_flight = self._in_flight()
+        writing = sum(app._tasks.recorder.pending for app in self.apps if app._tasks is not None)
+        if writing:
+            return writing  # records on their way to the store (in its thread)
         slots: Counter[object] = Counter(
             d.owner for d in in_flight if d.stage is not _Stage.HANDED_OVER
         )

@@ -88,6 +88,7 @@ class _Queue:
         self.overflow = str(args.get("x-overflow", "drop-head"))
         limit = args.get("x-delivery-limit")
         self.delivery_limit = None if limit is None or not self.quorum else int(limit)
+        self.single_active = args.get("x-single-active-consumer") is True
         self.ready: deque[StoredMessage] = deque()
         self.consumers: list[_Consumer] = []
         self.turn = 0  # round robin over consumers
@@ -125,6 +126,11 @@ def topic_matches(pattern: str, key: str) -> bool:
     return reachable[len(parts)]
 
 
+def _has_room(consumer: _Consumer) -> bool:
+    """Whether `consumer` may take another delivery: a prefetch of 0 means no limit (AMQP)."""
+    return consumer.prefetch == 0 or len(consumer.unacked) < consumer.prefetch
+
+
 def _is_cycle(queue: str, deaths: Sequence[Mapping[str, Any]]) -> bool:
     """RabbitMQ's cycle detection: `queue` is already in the message's `x-death` history with
     no rejection since (deaths are newest first)."""
@@ -152,6 +158,7 @@ class MemoryBroker:
         self._replies: dict[str, Callable[[StoredMessage], None]] = {}
         self._reply_owners: dict[str, object] = {}
         self._settled: dict[str, tuple[str, StoredMessage]] = {}  # message id -> last acked
+        self._exclusive: dict[str, object] = {}  # exclusive queue -> the owner it goes with
 
     # --- topology ---------------------------------------------------------------------------
 
@@ -227,6 +234,32 @@ class MemoryBroker:
         if missing:
             raise TopologyMissing(missing)
 
+    def declare_exclusive(self, name: str, exchange: str, owner: object) -> None:
+        """An exclusive, auto-delete queue of `owner`'s bound to fanout `exchange` (how a worker
+        listens for revocations); deleted when its consumer is cancelled or `owner` closes.
+
+        Raises `TopologyMissing` when the exchange does not exist (a 404, as on RabbitMQ)."""
+        if exchange not in self.exchanges:
+            raise TopologyMissing([f"exchange {exchange!r}"])
+        self.queues[name] = _Queue(topo.Queue(name, durable=False))
+        self._exclusive[name] = owner
+        self.exchanges[exchange].bindings.append(topo.Binding(exchange, name, ""))
+        self.activity += 1
+
+    def delete_queue(self, name: str) -> None:
+        """Delete queue `name` with its messages and bindings (its consumers get nothing more)."""
+        queue = self.queues.pop(name, None)
+        self._exclusive.pop(name, None)
+        if queue is None:
+            return
+        if queue.timer is not None:
+            queue.timer.cancel()
+        for consumer in queue.consumers:
+            consumer.active = False
+        for exchange in self.exchanges.values():
+            exchange.bindings = [b for b in exchange.bindings if b.to_exchange or b.queue != name]
+        self.activity += 1
+
     # --- publishing -------------------------------------------------------------------------
 
     def fail_next_publish(
@@ -265,6 +298,7 @@ class MemoryBroker:
             correlation_id=message.correlation_id,
             reply_to=reply_to or message.reply_to,
             expiration=None if message.expiration is None else str(int(message.expiration * 1000)),
+            type=message.type,
         )
         self.activity += 1
         if exchange == "":
@@ -389,10 +423,15 @@ class MemoryBroker:
         self._schedule_expiry(queue)
 
     def _next_consumer(self, queue: _Queue) -> _Consumer | None:
+        if queue.single_active:
+            # `x-single-active-consumer`: the earliest consumer still there gets every message;
+            # when it goes, the next in line takes over (with what it held, requeued).
+            active = next((c for c in queue.consumers if c.active), None)
+            return active if active is not None and _has_room(active) else None
         count = len(queue.consumers)
         for i in range(count):
             consumer = queue.consumers[(queue.turn + i) % count]
-            if consumer.active and len(consumer.unacked) < consumer.prefetch:
+            if consumer.active and _has_room(consumer):
                 queue.turn = (queue.turn + i + 1) % count
                 return consumer
         return None
@@ -494,6 +533,7 @@ class MemoryBroker:
         """No more deliveries to `consumer`; those it holds can still be settled."""
         consumer.active = False
         self.activity += 1
+        self._dispatch(consumer.queue)
 
     def settle(self, delivery: MemoryDelivery, how: str) -> None:
         """Ack, reject (dead-letter) or requeue `delivery`, as its consumer asked."""
@@ -551,6 +591,9 @@ class MemoryBroker:
         for address, held_by in list(self._reply_owners.items()):
             if held_by is owner:
                 self.close_reply(address)
+        for name, held_by in list(self._exclusive.items()):
+            if held_by is owner:
+                self.delete_queue(name)
 
     def crash(self, delivery: MemoryDelivery) -> None:
         """The worker holding `delivery` died: its task is cancelled and the broker requeues the

@@ -47,6 +47,7 @@ class StoredMessage:
     correlation_id: str | None = None
     reply_to: str | None = None
     expiration: str | None = None  # milliseconds, as AMQP carries it
+    type: str | None = None  # the AMQP `type` property
     redelivered: bool = False
     returns: int = 0  # times it went back to its queue unacked (quorum: x-delivery-count)
     expires_at: float | None = None  # loop time; set while it waits in a queue with a TTL
@@ -65,6 +66,7 @@ class Message:
     content_encoding: str | None = None
     correlation_id: str | None = None
     reply_to: str | None = None
+    type: str | None = None  # the AMQP `type` property (a task message's task name)
     redelivered: bool = False
     queue: str | None = None  # the queue it waits in, or was taken from
 
@@ -80,6 +82,7 @@ class Message:
             content_encoding=stored.content_encoding,
             correlation_id=stored.correlation_id,
             reply_to=stored.reply_to,
+            type=stored.type,
             redelivered=stored.redelivered,
             queue=queue,
         )
@@ -135,6 +138,7 @@ class MemoryDelivery:
         self.content_encoding = message.content_encoding
         self.correlation_id = message.correlation_id
         self.reply_to = message.reply_to
+        self.type = message.type
         self.redelivered: bool | None = message.redelivered
         self.exchange, self.routing_key = message.exchange, message.routing_key
         self.queue = queue.name

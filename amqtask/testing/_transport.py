@@ -21,6 +21,7 @@ from amqtask._transport import (
     ReplyChannel,
     Subscription,
 )
+from amqtask.testing._amqp import AmqpConnection
 from amqtask.testing._broker import HEADER_BUDGET, MemoryBroker, _Consumer
 from amqtask.testing._messages import (
     CURRENT_DELIVERY,
@@ -37,6 +38,15 @@ class _MemorySubscription:
 
     async def cancel(self) -> None:
         self._broker.cancel(self._consumer)
+
+
+class _FanoutSubscription:
+    def __init__(self, broker: MemoryBroker, consumer: _Consumer) -> None:
+        self._broker, self._consumer = broker, consumer
+
+    async def cancel(self) -> None:
+        self._broker.cancel(self._consumer)
+        self._broker.delete_queue(self._consumer.queue.name)  # auto-delete: its last consumer
 
 
 class _MemoryReplyChannel:
@@ -157,6 +167,10 @@ class MemoryTransport:
         self.broker.publish(exchange, routing_key, message, task=task, mandatory=mandatory)
         await asyncio.sleep(0)  # a confirmed publish waits for the broker
 
+    async def reply(self, reply_to: str, message: Outgoing, *, task: str) -> None:
+        """The reply to a call: a publish to the default exchange, not mandatory."""
+        await self.publish("", reply_to, message, task=task, timeout=None, mandatory=False)
+
     @property
     def header_budget(self) -> int:
         return HEADER_BUDGET
@@ -189,6 +203,32 @@ class MemoryTransport:
 
     def reply_channel(self, on_reply: OnReply, on_lost: OnLost) -> ReplyChannel:
         return _MemoryReplyChannel(self, on_reply, on_lost)
+
+    async def subscribe_fanout(
+        self, exchange: str, queue: str, on_message: Callable[[bytes], None]
+    ) -> Subscription:
+        """Receive what is published to fanout `exchange` from now on, on an exclusive,
+        auto-delete queue `queue` of this connection's, without acks (as on RabbitMQ)."""
+        self.require_connected()
+        broker = self.broker
+        broker.declare_exclusive(queue, exchange, owner=self)
+        loop = asyncio.get_running_loop()
+
+        def hand_over(delivery: MemoryDelivery) -> None:
+            if not delivery.settled and not delivery.void:
+                broker.settle(delivery, "ack")  # no_ack: settled as it is delivered
+                on_message(delivery.body)
+
+        def deliver(delivery: MemoryDelivery) -> None:
+            loop.call_soon(hand_over, delivery)
+
+        return _FanoutSubscription(broker, broker.consume(queue, deliver, prefetch=0, owner=self))
+
+    async def open_connection(self, *, name: str) -> AmqpConnection:
+        """A connection of its own to the in-memory broker, for code that speaks AMQP itself
+        (the scheduler, `amqtask schedules`): channels with `basic_consume`, `basic_ack`,
+        `basic_publish`, confirms and direct reply-to."""
+        return AmqpConnection(self.broker, name=name)
 
 
 async def _hand_over(on_message: OnMessage, delivery: MemoryDelivery) -> None:
