@@ -80,10 +80,12 @@ class Dialect:
 
     @property
     def now(self) -> str:
-        """The database's clock in epoch seconds."""
+        """The store's clock in epoch seconds: PostgreSQL's, one for every host; on SQLite (one
+        host) the process's wall clock, `amqtask._wallclock` (a function each connection
+        registers), which `amqtask.testing` moves with its virtual clock."""
         if self.name == "postgres":
             return "extract(epoch from clock_timestamp())::double precision"
-        return "(julianday('now') - 2440587.5) * 86400.0"
+        return "amqtask_now()"
 
     # --- schema ---------------------------------------------------------------------------
 

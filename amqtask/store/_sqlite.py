@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from amqtask import _wallclock
 from amqtask._exceptions import StoreError, StoreMissing, StoreUnavailable
 from amqtask.store._model import (
     REVOCATION_HORIZON,
@@ -79,6 +80,9 @@ class SqliteStore:
             timeout=self._busy_timeout_ms / 1000,
         )
         connection.row_factory = sqlite3.Row
+        # The store's clock (`Dialect.now`): the wall clock amqtask reads everywhere, the same
+        # system clock as SQLite's julianday('now'), and the virtual one under amqtask.testing.
+        connection.create_function("amqtask_now", 0, _wallclock.now)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
@@ -201,7 +205,7 @@ class SqliteStore:
             if db.execute(d.claim(), params).fetchone() is not None:
                 return Claim(ClaimVerdict.RUN)
             row = db.execute(d.claim_state(), (transition.id,)).fetchone()
-            return claim_verdict(None if row is None else dict(row), _now(db))
+            return claim_verdict(None if row is None else dict(row), _wallclock.now())
 
         result: Claim = await self._call(self._transaction, run)
         self._committed()
@@ -236,7 +240,7 @@ class SqliteStore:
     async def revocations(self, since: float) -> tuple[list[tuple[str, bool]], float]:
         def read() -> tuple[list[tuple[str, bool]], float]:
             db = self._db()
-            now = _now(db)
+            now = _wallclock.now()
             rows = db.execute(self.dialect.revocations, (since,)).fetchall()
             return [(row["id"], bool(row["terminate"])) for row in rows], now
 
@@ -283,10 +287,6 @@ class SqliteStore:
             self._committed()  # waiters look again, and see the error themselves
         finally:
             self._poller = None
-
-
-def _now(db: sqlite3.Connection) -> float:
-    return float(db.execute("SELECT (julianday('now') - 2440587.5) * 86400.0").fetchone()[0])
 
 
 class _Watch:
