@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -21,9 +22,11 @@ from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 import amqtask
-from amqtask import _codec
+from amqtask import _codec, _schedule_admin, _wallclock
 from amqtask._codec import Outgoing
 from amqtask._dead_letters import last_death_reason
+from amqtask._schedule import tick_message_id
+from amqtask._scheduler import Scheduler
 from amqtask._transport import AioPikaTransport, Transport
 from amqtask.testing import MemoryTransport, TestApp
 
@@ -55,18 +58,23 @@ class BrokerEnv:
     def __init__(self, make_app: AppFactory, amqp: AbstractConnection, url: str) -> None:
         self._make_app, self._amqp, self._url = make_app, amqp, url
 
-    def app(self, contracts: list[amqtask.Contract[Any, Any]]) -> amqtask.App:
-        return self._make_app(contracts)
+    def app(self, contracts: list[amqtask.Contract[Any, Any]], **options: Any) -> amqtask.App:
+        return self._make_app(contracts, **options)
 
     @asynccontextmanager
     async def running(self, app: amqtask.App, **settings: Any) -> AsyncIterator[None]:
         await app.declare()
-        if app.handlers:
-            async with running(app, **settings):
-                yield
-        else:
-            async with app:
-                yield
+        async with AsyncExitStack() as stack:
+            if app.handlers:
+                await stack.enter_async_context(running(app, **settings))
+            else:
+                await stack.enter_async_context(app)
+            if app.schedules:
+                scheduler = Scheduler(app)
+                await scheduler.start()
+                stack.push_async_callback(scheduler.stop)
+                await wait_for(lambda: scheduler.active, timeout=10)
+            yield
 
     def transport(self) -> Transport:
         return AioPikaTransport(self._url)
@@ -82,6 +90,15 @@ class BrokerEnv:
 
     async def dead_letters(self, queue: str, count: int) -> list[Any]:
         return await dead_letters(self._amqp, queue, count)
+
+    async def messages(self, queue: str) -> list[Any]:
+        """Take every ready message off `queue`, head first."""
+        taken = []
+        async with self._amqp.channel() as channel:
+            declared = await channel.declare_queue(queue, passive=True)
+            while (message := await declared.get(no_ack=True, fail=False)) is not None:
+                taken.append(message)
+        return taken
 
     async def depth(self, queue: str) -> int:
         return await queue_depth(self._amqp, queue)
@@ -101,8 +118,10 @@ class MemoryEnv:
         assert self._testapp is not None, "only inside `env.running(...)`"
         return self._testapp
 
-    def app(self, contracts: list[amqtask.Contract[Any, Any]]) -> amqtask.App:
-        return amqtask.App("amqp://memory.invalid/", contracts, namespace=self._namespace)
+    def app(self, contracts: list[amqtask.Contract[Any, Any]], **options: Any) -> amqtask.App:
+        return amqtask.App(
+            "amqp://memory.invalid/", contracts, namespace=self._namespace, **options
+        )
 
     @asynccontextmanager
     async def running(self, app: amqtask.App, **settings: Any) -> AsyncIterator[None]:
@@ -139,6 +158,9 @@ class MemoryEnv:
 
     async def depth(self, queue: str) -> int:
         return len(self.testapp.broker.messages(queue))
+
+    async def messages(self, queue: str) -> list[Any]:
+        return self.testapp.broker.messages(queue)
 
 
 Env = BrokerEnv | MemoryEnv
@@ -217,6 +239,7 @@ async def test_a_failing_task_is_retried_with_backoff_then_dead_lettered_with_it
     assert 1.0 <= gaps[0] < 2.5
     assert 2.0 <= gaps[1] < 3.5
     assert letter.message_id == sent
+    assert letter.type == job.name  # the AMQP type, kept through the retries and dead-lettering
     headers = letter.headers
     assert set(headers) - GET_ADDS == {
         "amqtask-task",
@@ -516,3 +539,108 @@ async def test_a_delivery_never_acked_comes_back_redelivered_until_its_delivery_
     assert seen == [(False, None), (True, 1), (True, 2)]
     assert letter.message_id == sent
     assert last_death_reason(letter.headers) == "delivery_limit"
+
+
+# --- periodic tasks -----------------------------------------------------------------------------
+
+
+async def test_a_schedule_fires_each_second_with_its_headers_and_a_pause_holds_its_ticks(
+    env: Env, unique: str
+) -> None:
+    ping = amqtask.contract(f"{unique}.ping", Job)
+    app = env.app([ping], schedules=[amqtask.schedule("beat", ping, Job(n=5), every=1)])
+
+    async with env.running(app):  # no worker: the ticks wait in the queue
+        await env.elapse(3.5)
+        assert 3 <= await env.depth(ping.queue) <= 4
+        await _schedule_admin.set_paused(app, "beat", True)  # `amqtask schedules APP pause`
+        await env.elapse(0.5)  # a tick due as the pause arrived may still have fired
+        paused = await env.depth(ping.queue)
+        await env.elapse(2.5)
+        assert await env.depth(ping.queue) == paused
+        listing = await _schedule_admin.read_state(app)
+        (row,) = _schedule_admin.rows(app, listing, round(_wallclock.now() * 1000))
+        assert listing.source == _schedule_admin.Source.ACTIVE
+        assert row["paused"] is True
+        resumed = _wallclock.utc_now()
+        await _schedule_admin.set_paused(app, "beat", False)
+        await env.elapse(2.5)
+        ticks = await env.messages(ping.queue)
+
+    dues = [datetime.fromisoformat(tick.headers["amqtask-due"]) for tick in ticks]
+    assert len(ticks) >= paused + 2
+    assert [b - a for a, b in itertools.pairwise(dues[:paused])] == [timedelta(seconds=1)] * (
+        paused - 1
+    )
+    assert all(due >= resumed for due in dues[paused:])  # none of the paused ticks fired later
+    assert dues == sorted(set(dues))
+    for tick, due in zip(ticks, dues, strict=True):
+        assert due.microsecond == 0
+        assert tick.headers["amqtask-schedule"] == "beat"
+        assert tick.headers["amqtask-task"] == ping.name
+        assert tick.message_id == tick_message_id("beat", round(due.timestamp() * 1000))
+        assert tick.type == ping.name
+        assert tick.body == b'{"n":5}'
+
+
+# --- the task store -----------------------------------------------------------------------------
+
+
+async def test_the_store_follows_tasks_to_their_result_failure_and_revocation(
+    env: Env, unique: str, tmp_path: Path
+) -> None:
+    job = amqtask.contract(
+        f"{unique}.job", Job, returns=Doubled, retry=amqtask.Retry(attempts=2, initial=1.0)
+    )
+    app = env.app([job], store=f"sqlite:///{tmp_path}/tasks.db")
+    started = asyncio.Event()
+    finished: list[int] = []
+
+    @app.handler(job)
+    async def handle(task: Job) -> Doubled:
+        if task.n < 0:
+            raise Flaky("negative")
+        if task.n == 0:
+            started.set()
+            await asyncio.sleep(3600)
+        finished.append(task.n)
+        return Doubled(m=task.n * 2)
+
+    async with env.running(app):
+        ok = await app.send(job, Job(n=2))
+        bad = await app.send(job, Job(n=-1))
+        slow = await app.send(job, Job(n=0))
+        later = await app.send(job, Job(n=3), delay=60)
+        scheduled = await app.task(later)
+        assert await env.finish(app.result(job, ok, timeout=20)) == Doubled(m=4)
+        await env.until(started.is_set)
+        assert await state_of(app, slow) == "running"
+        await app.revoke(slow, terminate=True)  # stops it now: the broadcast
+        await app.revoke(later)  # it will not run when its delay is over
+        with pytest.raises(amqtask.RemoteError) as failed:
+            await env.finish(app.result(job, bad, timeout=20))
+        with pytest.raises(amqtask.TaskRevoked):
+            await env.finish(app.result(job, slow, timeout=20))
+        infos = {task_id: await app.task(task_id) for task_id in (ok, bad, slow, later)}
+
+    assert scheduled is not None
+    assert scheduled.state.value == "scheduled"
+    assert failed.value.reason == "handler_error"
+    assert failed.value.remote_type.endswith("Flaky")
+    summary = {
+        task_id: (info.state.value, info.attempts) for task_id, info in infos.items() if info
+    }
+    assert summary == {
+        ok: ("succeeded", 1),
+        bad: ("failed", 2),
+        slow: ("revoked", 1),
+        later: ("revoked", 0),
+    }
+    assert infos[ok] is not None
+    assert infos[ok].result == Doubled(m=4)
+    assert finished == [2]
+
+
+async def state_of(app: amqtask.App, task_id: str) -> str | None:
+    info = await app.task(task_id)
+    return None if info is None else info.state.value
