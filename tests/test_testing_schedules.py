@@ -13,10 +13,11 @@ import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
 import amqtask
-from amqtask import _codec, _schedule_admin
+from amqtask import _codec
 from amqtask._schedule import tick_message_id
 from amqtask.testing import TestApp
 
@@ -75,19 +76,29 @@ async def test_a_paused_schedule_skips_its_ticks_and_resumes_from_its_next_due_t
     async with TestApp(app) as t:
         await t.advance(minutes=30)
         assert len(runs) == 3
-        await _schedule_admin.set_paused(app, "beat", True)  # `amqtask schedules APP pause beat`
+        await t.pause("beat")  # as `amqtask schedules APP pause beat`
         await t.advance(minutes=30)
         assert len(runs) == 3
-        listing = await _schedule_admin.read_state(app)
-        (row,) = _schedule_admin.rows(app, listing, round(t.clock.now() * 1000))
-        assert listing.source == _schedule_admin.Source.ACTIVE
+        (row,) = await t.schedules()
         assert row["paused"] is True
+        assert row["last_message_id"] == t.sent(ping)[-1].message_id
         resumed = t.clock.utcnow()
-        await _schedule_admin.set_paused(app, "beat", False)
+        await t.resume("beat")
         await t.advance(minutes=30)
+        (row,) = await t.schedules()
 
     assert len(runs) == 6
     assert all(due > resumed for due in due_times(t.sent(ping)[3:]))  # none of the paused ones
+    assert row["paused"] is False
+    assert row["last_fired"] == t.sent(ping)[-1].headers[_codec.DUE]
+
+
+async def test_pausing_a_schedule_no_app_has_says_which_there_are() -> None:
+    app, _, _ = ping_app(every=60)
+
+    async with TestApp(app) as t:
+        with pytest.raises(amqtask.ScheduleError, match="known: beat"):
+            await t.pause("bet")
 
 
 async def test_after_downtime_latest_fires_the_last_missed_tick_once_and_skip_fires_none() -> None:

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
-from amqtask import _codec, _wallclock
+from amqtask import _codec, _schedule_admin, _wallclock
 from amqtask._app import App, Handler
 from amqtask._contract import Contract
 from amqtask._dead_letters import last_death_reason
@@ -241,6 +241,32 @@ class TestApp:
         await scheduler.start()
         await self._quiesce()  # it has taken over, or stands by
         return scheduler
+
+    async def pause(self, schedule: str) -> None:
+        """Pause `schedule` as `amqtask schedules APP pause NAME` does: a record on the scheduler
+        queue, applied by the active scheduler and kept for any that takes over. Raises
+        `ScheduleError` for a name no app has."""
+        await _schedule_admin.set_paused(self._scheduling(schedule), schedule, True)
+
+    async def resume(self, schedule: str) -> None:
+        """Resume `schedule` (`amqtask schedules APP resume NAME`): it fires again from its next
+        due time; the ticks due while it was paused never fire."""
+        await _schedule_admin.set_paused(self._scheduling(schedule), schedule, False)
+
+    async def schedules(self, app: App | None = None) -> list[dict[str, Any]]:
+        """One row per schedule of `app` (default: the first app with schedules), as `amqtask
+        schedules APP --json` lists them: `next_due`, `last_fired`, `last_message_id`,
+        `paused`, ..., read from the active scheduler (or off the scheduler queue)."""
+        if app is None:
+            app = next((a for a in self.apps if a.schedules), self.apps[0])
+        listing = await _schedule_admin.read_state(app)
+        return _schedule_admin.rows(app, listing, round(self.clock.now() * 1000))
+
+    def _scheduling(self, schedule: str) -> App:
+        for app in self.apps:
+            if any(item.name == schedule for item in app.schedules):
+                return app
+        return self.apps[0]  # set_paused names the schedules it knows
 
     # --- handlers: counting runs, crashing on demand ----------------------------------------
 
