@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import orjson
@@ -270,24 +271,42 @@ def _machine_jiffies() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
-def broker_pid() -> int | None:
-    """The local RabbitMQ (beam.smp) process, if the broker runs on this machine: the oldest
-    one, as tests may start and stop private nodes of their own meanwhile."""
-    found = []
+def broker_pid(url: str) -> int | None:
+    """The local RabbitMQ (beam.smp) process that listens on `url`'s AMQP port, if the broker
+    runs on this machine. Found by its listening socket, not its age: tests start private nodes
+    of their own (on other ports), and one may be older than the broker measured."""
+    port = urlsplit(url).port or (5671 if url.startswith("amqps") else 5672)
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return None
     for comm in Path("/proc").glob("[0-9]*/comm"):
         try:
-            if comm.read_text().strip() == "beam.smp":
-                found.append(int(comm.parent.name))
+            if comm.read_text().strip() != "beam.smp":
+                continue
+            fds = comm.parent / "fd"
+            for fd in fds.iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return int(comm.parent.name)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return None
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Inodes of the sockets listening on `port` (IPv4 and IPv6), from /proc/net/tcp{,6}."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
-    return min(found, key=_started_at, default=None)
-
-
-def _started_at(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return 1 << 62
+        for line in lines:
+            fields = line.split()
+            # local_address is HEX_IP:HEX_PORT; state 0A is LISTEN; the inode is field 9.
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(fields[9])
+    return found
 
 
 @dataclass
@@ -309,7 +328,7 @@ class _Snapshot:
 async def drain(env: Env, queue: str, running: Running, count: int) -> Usage:
     """Wait until the queue is empty and its deliveries in flight are done; return the CPU used
     from the first delivery taken to the last."""
-    broker = broker_pid()
+    broker = broker_pid(env.url)
     first: _Snapshot | None = None
     deadline = time.monotonic() + 120
     while True:
