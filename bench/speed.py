@@ -301,7 +301,7 @@ async def calls(bench: Bench) -> None:
         p50: dict[str, list[float]] = {side: [] for side in sides}
         p99: dict[str, list[float]] = {side: [] for side in sides}
         cpu: dict[str, list[tuple[float, float, float]]] = {side: [] for side in sides}
-        broker = s.broker_pid()
+        broker = s.broker_pid(env.url)
 
         async def sequential(side: str) -> float:
             async with caller(bench, side) as call:
