@@ -236,19 +236,17 @@ class Settler:
         return Settled(outcome, details)
 
     async def _reply(self, envelope: Envelope, reply: Outgoing) -> None:
-        # Through the default exchange to the caller's direct reply-to address, and not
-        # `mandatory`: RabbitMQ 3.10 returns those as unroutable. A caller that has gone makes
-        # the broker drop the reply (at-most-once); a publish that fails is logged, not retried.
+        # To the caller's direct reply-to address, unconfirmed (`Transport.reply`): a caller that
+        # has gone makes the broker drop the reply (at-most-once); a publish that fails is
+        # logged, not retried. Bounded like a settle: the channel may wait for a reconnect.
         delivery = envelope.delivery
         try:
-            await self._transport.publish(
-                "",
-                delivery.reply_to or "",
-                _codec.fit_headers(reply, self._transport.header_budget),
-                task=envelope.task or "?",
-                timeout=self._publish_timeout,
-                mandatory=False,
-            )
+            async with asyncio.timeout(self._publish_timeout):
+                await self._transport.reply(
+                    delivery.reply_to or "",
+                    _codec.fit_headers(reply, self._transport.header_budget),
+                    task=envelope.task or "?",
+                )
         except Exception as exc:
             log.warning(
                 "reply_failed",

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import aio_pika
 import aio_pika.exceptions
@@ -132,6 +132,11 @@ class Transport(Protocol):
         timeout: float | None,
         mandatory: bool = True,
     ) -> None: ...
+    async def reply(self, reply_to: str, message: Outgoing, *, task: str) -> None:
+        """Publish the reply to a call, addressed to the request's `reply_to`: not mandatory,
+        not confirmed (at most once)."""
+        ...
+
     @property
     def header_budget(self) -> int:
         """Bytes a published message's headers may take: they travel in one frame, and a frame
@@ -691,7 +696,9 @@ class AioPikaTransport:
         self._down_since: float | None = None  # monotonic time the connection was lost
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractRobustChannel | None = None
+        self._reply_channel: AbstractRobustChannel | None = None  # a worker's, without confirms
         self._renewing = asyncio.Lock()
+        self._opening_replies = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()  # refused channels closing once idle
         self._consumers: list[_consume.Consumer] = []
 
@@ -781,7 +788,7 @@ class AioPikaTransport:
         for consumer in consumers:
             await consumer.flush()  # the acks of the last tasks, before their channels close
         connection, self._connection = self._connection, None
-        self._publish_channel = None
+        self._publish_channel = self._reply_channel = None
         for task in self._retiring:
             task.cancel()
         if connection is not None:
@@ -889,6 +896,35 @@ class AioPikaTransport:
                 task=task,
                 message_id=message.message_id,
             ) from exc
+
+    async def reply(self, reply_to: str, message: Outgoing, *, task: str) -> None:
+        """Publish the reply to a call: through the default exchange to the caller's direct
+        reply-to address, on a channel without confirms, and returns once the frame is queued
+        for the socket (ahead of the request's ack, which the same writer sends later).
+
+        Not `mandatory` (RabbitMQ 3.10 returns those as unroutable) and not confirmed: a reply is
+        at most once, and the broker drops one whose caller has gone and confirms it all the
+        same, so the confirm would tell nothing and cost the worker a round trip per call.
+        Raises `NotConnected`, or aiormq's `ChannelInvalidStateError` while the connection is
+        down (the request's ack fails too, and the broker redelivers it).
+        """
+        channel = self._reply_channel
+        if channel is None:
+            async with self._opening_replies:
+                if self._reply_channel is None:
+                    self._reply_channel = await self.connection.channel(publisher_confirms=False)
+            channel = self._reply_channel
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        await underlay.basic_publish(
+            message.body,
+            exchange="",
+            routing_key=reply_to,
+            properties=_properties(message),
+            mandatory=False,
+            wait=False,  # nothing to wait for: the ack that follows waits for the socket
+        )
 
     @property
     def header_budget(self) -> int:

@@ -82,6 +82,9 @@ class FakeTransport:
             raise self.fail[exchange]
         self.published.append((exchange, routing_key, message))
 
+    async def reply(self, reply_to: str, message: Outgoing, *, task: str) -> None:
+        await self.publish("", reply_to, message, task=task, timeout=None, mandatory=False)
+
     def to(self, exchange: str) -> list[Outgoing]:
         return [message for sent_to, _, message in self.published if sent_to == exchange]
 
