@@ -180,3 +180,31 @@ async def test_a_finished_task_is_kept_for_keep_result_on_the_clock_then_deleted
     assert kept is not None
     assert kept.result == 2
     assert gone is None
+
+
+async def test_a_claim_left_by_a_crashed_run_expires_after_claim_ttl_on_the_clock(
+    tmp_path: Path,
+) -> None:
+    job = amqtask.contract("jobs.double", Job, returns=int, deduplicate=True)
+    app = amqtask.App(URL, [job], store=f"sqlite:///{tmp_path}/tasks.db?claim_ttl=30")
+    runs: list[float] = []
+
+    @app.handler(job)
+    async def double(task: Job) -> int:
+        runs.append(asyncio.get_running_loop().time())
+        return task.n * 2
+
+    async with TestApp(app) as t:
+        t.crash_next(job)  # the worker dies after the handler: its claim stays in the store
+        task_id = await app.send(job, Job(n=4))
+        await t.advance(seconds=20)
+        assert len(runs) == 1  # the copy waits for the claim
+        await t.advance(seconds=15)
+        await t.drain()
+        info = await app.task(task_id)
+
+    assert len(runs) == 2
+    assert 30 <= runs[1] - runs[0] < 31
+    assert info is not None
+    assert info.state is TaskState.SUCCEEDED
+    assert info.result == 8

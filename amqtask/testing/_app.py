@@ -130,6 +130,8 @@ class TestApp:
         self._installed: dict[int, _Installed] = {}
         self._wallclock: Any = None
         self._runs_lock = threading.Lock()
+        self._threads = 0  # calls running in threads now (see `_count_threads`)
+        self._counting: asyncio.AbstractEventLoop | None = None
 
     @property
     def clock(self) -> VirtualClock:
@@ -142,6 +144,7 @@ class TestApp:
 
     async def __aenter__(self) -> Self:
         clock = self._clock = VirtualClock.of()
+        self._count_threads(asyncio.get_running_loop())
         self._wallclock = _wallclock.set_source(clock.now)
         clock.settle = clock.finish = self._quiesce
         try:
@@ -187,6 +190,7 @@ class TestApp:
             for app in self.apps:
                 self._uninstall(app)
             self.broker.close()
+            self._uncount_threads()
             if self._wallclock is not None:
                 _wallclock.set_source(self._wallclock)
                 self._wallclock = None
@@ -386,7 +390,8 @@ class TestApp:
             if waiting < 100:
                 await asyncio.sleep(0)
             else:
-                await asyncio.get_running_loop().run_in_executor(None, time.sleep, 0.001)
+                loop = asyncio.get_running_loop()
+                await type(loop).run_in_executor(loop, None, time.sleep, 0.001)  # not counted
             if broker.activity != seen:
                 seen, quiet, waiting = broker.activity, 0, 0
                 continue
@@ -413,21 +418,62 @@ class TestApp:
         return [d for d in self.broker.in_flight.values() if id(d.owner) in ours]
 
     def _busy(self) -> int:
-        """Deliveries that move on without the clock moving: on their way to a handler with a
-        worker slot free, in a thread, being settled. Not those whose handler runs on the loop
-        (it may wait on the clock), nor those waiting for a slot such handlers hold."""
-        in_flight = self._in_flight()
+        """What moves on without the clock moving and without the loop having work ready:
+        calls in threads (handlers, the store's), records on their way to the store, deliveries
+        in a process-pool child or being settled. Not a handler on the loop (it may wait on the
+        clock), nor a delivery waiting for a slot such handlers hold, or for a claim."""
+        if self._threads:
+            return self._threads
         writing = sum(app._tasks.recorder.pending for app in self.apps if app._tasks is not None)
         if writing:
             return writing  # records on their way to the store (in its thread)
+        in_flight = self._in_flight()
         slots: Counter[object] = Counter(
             d.owner for d in in_flight if d.stage is not _Stage.HANDED_OVER
         )
         return sum(
-            d.stage is not _Stage.ON_LOOP
-            and not (d.stage is _Stage.HANDED_OVER and slots[d.owner] >= self._settings.concurrency)
+            d.stage in (_Stage.IN_THREAD, _Stage.SETTLING)
+            or (
+                d.stage is _Stage.HANDED_OVER
+                and slots[d.owner] < self._settings.concurrency
+                and self._in_child(d)
+            )
             for d in in_flight
         )
+
+    def _in_child(self, delivery: MemoryDelivery) -> bool:
+        """Whether a process-pool child runs `delivery`'s handler (no stage tells its progress:
+        the child talks to the worker over pipes)."""
+        task = _codec.header_text(delivery.headers.get(_codec.TASK))
+        version = _codec.header_int(delivery.headers.get(_codec.VERSION), 1)
+        return any(
+            self._in_child_process(handler)
+            for app in self.apps
+            if (handler := app.handlers.get((task or "", version or 1))) is not None
+        )
+
+    def _count_threads(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Count the calls the loop hands to threads (`run_in_executor`, `to_thread`): the
+        store's, handlers' in threads. Undone by `_uncount_threads`."""
+        original = loop.run_in_executor
+
+        def counted(executor: Any, func: Any, *args: Any) -> asyncio.Future[Any]:
+            future = original(executor, func, *args)
+            self._threads += 1
+            future.add_done_callback(self._thread_done)
+            return future
+
+        loop.run_in_executor = counted  # type: ignore[method-assign,assignment]
+        self._counting = loop
+
+    def _thread_done(self, _future: asyncio.Future[Any]) -> None:
+        self._threads -= 1
+        self.broker.activity += 1
+
+    def _uncount_threads(self) -> None:
+        loop, self._counting = self._counting, None
+        if loop is not None:
+            del loop.run_in_executor
 
     # --- looking inside ---------------------------------------------------------------------
 
