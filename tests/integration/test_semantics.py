@@ -57,6 +57,7 @@ class BrokerEnv:
 
     def __init__(self, make_app: AppFactory, amqp: AbstractConnection, url: str) -> None:
         self._make_app, self._amqp, self._url = make_app, amqp, url
+        self._schedulers: list[Scheduler] = []
 
     def app(self, contracts: list[amqtask.Contract[Any, Any]], **options: Any) -> amqtask.App:
         return self._make_app(contracts, **options)
@@ -70,11 +71,22 @@ class BrokerEnv:
             else:
                 await stack.enter_async_context(app)
             if app.schedules:
-                scheduler = Scheduler(app)
-                await scheduler.start()
-                stack.push_async_callback(scheduler.stop)
-                await wait_for(lambda: scheduler.active, timeout=10)
+                stack.push_async_callback(self._stop_schedulers)
+                await self.start_scheduler(app)
             yield
+
+    async def start_scheduler(self, app: amqtask.App) -> None:
+        scheduler = Scheduler(app)
+        self._schedulers.append(scheduler)
+        await scheduler.start()
+        await wait_for(lambda: scheduler.active, timeout=10)
+
+    async def stop_scheduler(self) -> None:
+        await self._schedulers[-1].stop()
+
+    async def _stop_schedulers(self) -> None:
+        for scheduler in self._schedulers:
+            await scheduler.stop()
 
     def transport(self) -> Transport:
         return AioPikaTransport(self._url)
@@ -130,6 +142,12 @@ class MemoryEnv:
 
     def transport(self) -> Transport:
         return MemoryTransport(self.testapp.broker)
+
+    async def start_scheduler(self, app: amqtask.App) -> None:
+        await self.testapp.start_scheduler(app)
+
+    async def stop_scheduler(self) -> None:
+        await self.testapp.schedulers[-1].stop()
 
     async def elapse(self, seconds: float) -> None:
         await self.testapp.advance(seconds)
@@ -581,6 +599,32 @@ async def test_a_schedule_fires_each_second_with_its_headers_and_a_pause_holds_i
         assert tick.message_id == tick_message_id("beat", round(due.timestamp() * 1000))
         assert tick.type == ping.name
         assert tick.body == b'{"n":5}'
+
+
+async def test_ticks_missed_while_no_scheduler_ran_follow_the_misfire_policy(
+    env: Env, unique: str
+) -> None:
+    ping = amqtask.contract(f"{unique}.ping", Job)
+    beat = amqtask.schedule("beat", ping, Job(n=1), every=2, catch_up=1, misfire="latest")
+    app = env.app([ping], schedules=[beat])
+
+    async with env.running(app):
+        await env.elapse(2.0)
+        even = (_wallclock.now() // 2 + 1) * 2  # the next tick
+        await env.elapse(even + 0.3 - _wallclock.now())
+        before = await env.depth(ping.queue)  # its tick has fired
+        await env.stop_scheduler()
+        await env.elapse(even + 5.5 - _wallclock.now())
+        # Back at +5.5: the tick at +2 is long missed, the one at +4 is 1.5 s old, past
+        # catch_up; "latest" fires it alone, once.
+        await env.start_scheduler(app)
+        await env.elapse(0.2)
+        assert await env.depth(ping.queue) == before + 1
+        await env.elapse(1.0)  # and the tick at +6 as usual
+        ticks = await env.messages(ping.queue)
+
+    dues = [datetime.fromisoformat(tick.headers["amqtask-due"]).timestamp() for tick in ticks]
+    assert dues[before - 1 :] == [even, even + 4, even + 6]
 
 
 # --- the task store -----------------------------------------------------------------------------
