@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -426,11 +426,49 @@ class _AioPikaReplyChannel:
             return channel
 
     async def _deliver(self, message: aiormq.abc.DeliveredMessage) -> None:
-        self._on_reply(aio_pika.IncomingMessage(message, no_ack=True))
+        self._on_reply(_Reply(message.body, message.header.properties))
 
     def _closed(self, _channel: object, exc: BaseException | None) -> None:
         self._consuming = None
         self._on_lost(exc)
+
+
+class _Reply:
+    """A reply as the caller reads it (a `Delivery`): its properties are read from the frame's
+    when asked for. aio-pika's `IncomingMessage` would parse and check every one of them again,
+    on every call, for the two or three that `decode_reply` reads."""
+
+    __slots__ = ("_properties", "body")
+
+    redelivered = False
+
+    def __init__(self, body: bytes, properties: aiormq.spec.Basic.Properties) -> None:
+        self.body = body
+        self._properties = properties
+
+    @property
+    def headers(self) -> Mapping[str, Any]:
+        return self._properties.headers or {}
+
+    @property
+    def message_id(self) -> str | None:
+        return self._properties.message_id
+
+    @property
+    def content_type(self) -> str | None:
+        return self._properties.content_type
+
+    @property
+    def content_encoding(self) -> str | None:
+        return self._properties.content_encoding
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._properties.correlation_id
+
+    @property
+    def reply_to(self) -> str | None:
+        return self._properties.reply_to
 
 
 _RETIRE_AFTER = 30.0  # seconds a refused channel stays open for its other confirms or replies
