@@ -177,3 +177,18 @@ async def test_ticks_reach_a_worker_app_of_their_own() -> None:
         await asyncio.sleep(0)
 
     assert len(t.sent(ping)) == len(runs) == 3
+
+
+async def test_a_tick_the_broker_refuses_is_published_again_a_second_later_with_its_id() -> None:
+    app, ping, runs = ping_app(every=timedelta(minutes=1))
+
+    async with TestApp(app) as t:
+        t.fail_next_publish(amqtask.PublishNacked, task=ping)
+        await t.advance(seconds=60 - t.clock.now() % 60 + 0.5)  # the tick was refused
+        assert runs == []
+        await t.advance(seconds=1)
+        (tick,) = t.sent(ping)
+
+    assert runs == [7]
+    (due,) = due_times([tick])
+    assert tick.message_id == tick_message_id("beat", ms(due))  # the tick it was meant to be
