@@ -14,8 +14,11 @@ way RabbitMQ 3.10 does:
   headers, and RabbitMQ's cycle detection;
 - `x-max-length` with `x-overflow` `reject-publish` or `drop-head` (counting ready messages; a
   quorum queue refuses a publish only once it is over its limit, so it holds one more);
-- consumers with manual acks and a prefetch each, round robin; requeue at the head with
-  `redelivered`; on quorum queues `x-delivery-count` and `x-delivery-limit`.
+- consumers with manual acks and a prefetch each (0: no limit), round robin, or only the
+  earliest one on an `x-single-active-consumer` queue (the next takes over when it goes);
+  requeue at the head with `redelivered`; on quorum queues `x-delivery-count` and
+  `x-delivery-limit`;
+- fanout exchanges, and exclusive auto-delete queues that go with their connection.
 
 Headers go through the AMQP field-table encoding both ways (see `_messages`). Time-based events
 (TTLs) are event-loop timers, so they follow the virtual clock.
