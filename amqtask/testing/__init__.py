@@ -4,8 +4,9 @@
 topology the contracts derive, with the real codec, worker and settling on top, so retries,
 delays, dead letters, `Reject`, bounded queues and calls behave as they do on RabbitMQ, and a
 30-minute delay takes milliseconds (`advance`). An app's schedules fire from its real scheduler
-and its task store records what happened, both on the virtual clock. The pytest plugin (installed with amqtask) gives
-the fixtures `amqtask_testapp` and `amqtask_clock` for an `amqtask_app` fixture of your own.
+and its task store records what happened, both on the virtual clock. The pytest plugin
+(installed with amqtask) gives the fixtures `amqtask_testapp` and `amqtask_clock` for an
+`amqtask_app` fixture of your own.
 """
 
 from amqtask.testing._app import DeadLetter, TestApp
