@@ -1,1 +1,2 @@
-"""Benchmarks of amqtask against raw aio-pika: `python -m bench` (see README, "Benchmark")."""
+"""Benchmarks of amqtask against raw aio-pika and peer frameworks: `python -m bench` (see README,
+"Benchmark")."""

@@ -1,8 +1,10 @@
-"""`python -m bench`: amqtask against raw aio-pika, side by side, on one broker, in one run.
+"""`python -m bench`: amqtask against raw aio-pika and peer frameworks, side by side, on one
+broker, in one run.
 
-Each measurement runs both sides in turn (alternating which goes first) `--repeat` times and
-reports the median with min-max, and amqtask's median as a ratio to its raw twin's. Targets are
-reported, not asserted. The broker is AMQTASK_URL (default amqp://guest:guest@127.0.0.1:5672/);
+Each measurement runs all sides in turn (alternating which goes first) `--repeat` times and
+reports the median with min-max, and amqtask's median as a ratio to its raw twin's (or the best
+peer's: Celery, Dramatiq, FastStream, Taskiq, run from a venv of their own, see `bench.versus`).
+Targets are reported, not asserted. The broker is AMQTASK_URL (default amqp://guest:guest@127.0.0.1:5672/);
 everything is created under a fresh namespace and deleted at the end.
 """
 
@@ -29,9 +31,10 @@ import orjson
 import amqtask
 from bench import _scenarios as s
 from bench import schedules as bench_schedules
+from bench import versus
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
-SCENARIOS = ("send", "pipelined", "worker", "rpc", "rss", "pool", "store", "schedules")
+SCENARIOS = ("send", "pipelined", "worker", "rpc", "peers", "rss", "pool", "store", "schedules")
 
 
 @dataclass
@@ -104,6 +107,8 @@ class Bench:
         self.rows: list[Row] = []
         self.usage: dict[str, list[s.Usage]] = {}
         self.same_message: dict[str, list[float]] = {}  # raw twin sending amqtask's message
+        self.peer_env = versus.Peers(enabled=args.peers)
+        self.not_run: list[str] = []  # "<side>: not run: <reason>", printed under the table
 
     def log(self, text: str) -> None:
         print(f"  {text}", file=sys.stderr, flush=True)
@@ -198,6 +203,13 @@ class Bench:
 
         await speed.calls(self)
 
+    async def peers(self) -> None:
+        """amqtask against Celery, Dramatiq, FastStream and Taskiq (`bench.versus`)."""
+        if not self.args.peers:
+            self.not_run.append("peer frameworks: not run: --no-peers")
+            return
+        await versus.measure(self)
+
     # --- 5: worker memory ---------------------------------------------------------------------
 
     async def rss(self) -> None:
@@ -229,10 +241,10 @@ class Bench:
 
     async def pool(self) -> None:
         """No-op and 5 ms CPU tasks drained by one worker whose handlers run on the event loop
-        (`async def`), in threads (`def`) or in a process pool of 1 and 2 children per core.
-
-        No peer framework runs in this benchmark (Celery's prefork pool is not installed):
-        the process pool is compared with amqtask's own thread pool in the same run.
+        (`async def`), in threads (`def`) or in a process pool of 1 and 2 children per core,
+        beside Celery's prefork pool with as many children (`--peers`): the same tasks on the
+        same broker, acks after the task, the same prefetch in all (`bench.peers.celery_peer`).
+        Goal: the process pool at least 1.5x Celery prefork on no-op tasks.
         """
         apps, cores, prefetch = self.apps, os.cpu_count() or 1, self.args.prefetch
         log_level = self.args.worker_log_level
@@ -260,6 +272,12 @@ class Bench:
         }
         results: dict[str, dict[str, list[float]]] = {}
         usage: dict[tuple[str, str], list[s.Usage]] = {}
+        # Celery's prefork pool with the process pool's children counts (`bench.versus`).
+        celery = {f"Celery prefork {n}": n for n in children.values()}
+        sides_failed = versus.Sides(self)
+        self.peer_env.ensure()
+        if not self.peer_env.runs(versus.CELERY):
+            celery = {}
         for workload, (contract, count, by_side) in workloads.items():
 
             async def one(
@@ -269,15 +287,34 @@ class Bench:
                 count: int = count,
                 by_side: Any = by_side,
             ) -> float:
-                await self.env.purge(contract.queue)
-                await s.preload(self.env, self.raw, count, contract)
-                rate, used = await s.consume_rate(self.env, [by_side[side]], count, contract.queue)
+                if side in celery:
+                    kind = "cpu" if workload == "5 ms CPU" else "noop"
+                    rate, used = await versus.drain(
+                        self,
+                        versus.CELERY,
+                        count,
+                        workload=kind,
+                        children=celery[side],
+                        purpose=kind,
+                    )
+                else:
+                    await self.env.purge(contract.queue)
+                    await s.preload(self.env, self.raw, count, contract)
+                    rate, used = await s.consume_rate(
+                        self.env, [by_side[side]], count, contract.queue
+                    )
                 usage.setdefault((workload, side), []).append(used)
                 return rate
 
-            results[workload] = await self.compare(
-                f"pool, {workload} tasks", one, tuple(by_side), self.args.worker_repeat
-            )
+            try:
+                results[workload] = await self.compare(
+                    f"pool, {workload} tasks",
+                    sides_failed.guard(one),
+                    (*by_side, *celery),
+                    self.args.worker_repeat,
+                )
+            finally:
+                await versus.delete_entities(self)
 
         def per_task(workload: str, side: str) -> str:
             runs = usage[(workload, side)]
@@ -285,8 +322,11 @@ class Bench:
             wall = 1e6 / s.median(results[workload][side])
             return f"{side} {wall:,.0f} us wall, {cpu:,.0f} us CPU per task"
 
+        for side, reason in {**self.peer_env.failed, **sides_failed.failed}.items():
+            if side.startswith("Celery"):
+                self.not_run.append(f"{side} (pool): not run: {reason}")
         for workload, runs in results.items():
-            sides = [per_task(workload, side) for side in runs]
+            sides = [per_task(workload, side) for side in runs if side not in sides_failed.failed]
             for side in ("async", *children):
                 self.rows.append(
                     Row(
@@ -296,6 +336,23 @@ class Bench:
                         runs["thread"],
                         baseline_label="thread pool",
                         note="; ".join(sides) if side == "async" else "",
+                    )
+                )
+            for side, n in children.items():
+                prefork, noop = f"Celery prefork {n}", workload == "no-op"
+                if prefork not in celery or prefork in sides_failed.failed:
+                    continue
+                self.rows.append(
+                    Row(
+                        f"{workload} tasks, {side} ({n} children) vs Celery prefork",
+                        "tasks/s",
+                        runs[side],
+                        runs[prefork],
+                        baseline_label=f"Celery prefork, {n} children",
+                        target=(">=", 1.5) if noop else None,
+                        note="goal: the process pool 1.5x Celery prefork on no-op tasks"
+                        if noop and n == cores
+                        else "",
                     )
                 )
         # Scaling: N children against one, where ideal is min(N, cores)x. It needs the cores
@@ -412,6 +469,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--pool-cpu", type=int, default=1_000, help="queued 5 ms CPU tasks per pool run")
     add("--schedules", type=int, default=10_000, help="schedules in the schedules scenario")
     add("--schedules-repeat", type=int, default=1, help="repetitions of the schedules runs")
+    add(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure Celery, Dramatiq, FastStream and Taskiq too (the `peers` scenario and "
+        "Celery prefork in `pool`), from a venv of their own, .bench-peers/, built on first use",
+    )
     add("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS), help="what to run")
     add("--json", type=Path, default=None, metavar="PATH", help="write the results as JSON")
     args = parser.parse_args(argv)
@@ -455,6 +519,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "rows": bench.rows,
             "cpu": {name: [asdict(u) for u in runs] for name, runs in bench.usage.items()},
             "raw_with_amqtask_message": bench.same_message,
+            "not_run": bench.not_run,
         }
     finally:
         await raw.close()
@@ -483,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         if row.note:
             print(f"- {row.name}: {row.note}")
+    for line in result["not_run"]:
+        print(f"- {line}")
     if args.json is not None:
         data = {**result, "rows": [row.to_dict() for row in rows]}
         args.json.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")

@@ -10,8 +10,8 @@ Calls: durable calls (quorum queue, persistent, confirmed) against raw aio-pika 
 transient calls (`calls="transient"`) against raw aio-pika sending transient requests to a
 classic queue (confirmed before it waits for the reply, as `Exchange.publish` on a channel with
 confirms does), and against aio-pika's `patterns.RPC` (transient requests, a reply queue of its
-own), the peer for calls. No other framework runs here: the benchmark installs none of Celery,
-Dramatiq, FastStream or Taskiq.
+own). The peer frameworks (Celery, Dramatiq, FastStream, Taskiq) are measured in the same run by
+the `peers` scenario, `bench.versus`, from a venv of their own.
 """
 
 from __future__ import annotations
