@@ -389,3 +389,16 @@ async def test_the_amqp_type_property_is_carried_through_retries_and_dead_letter
 
     assert sent.type == resize.name  # as `send` publishes it: the task's name
     assert letter.message.type == resize.name  # kept on the retried copy and the dead letter
+
+
+async def test_two_testapps_on_one_loop_leave_it_as_they_found_it() -> None:
+    resize = amqtask.contract("images.resize", Resize)
+    first, second = make_app(resize), make_app(resize)
+    loop = asyncio.get_running_loop()
+    async with TestApp(first) as outer:
+        async with TestApp(second):
+            await asyncio.to_thread(time.sleep, 0)
+        await outer.drain()
+        assert outer._threads == 0
+        await asyncio.to_thread(time.sleep, 0)  # still counted by the outer one
+    assert "run_in_executor" not in vars(loop)  # the loop's own method again

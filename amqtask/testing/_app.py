@@ -131,7 +131,7 @@ class TestApp:
         self._wallclock: Any = None
         self._runs_lock = threading.Lock()
         self._threads = 0  # calls running in threads now (see `_count_threads`)
-        self._counting: asyncio.AbstractEventLoop | None = None
+        self._counting: tuple[asyncio.AbstractEventLoop, Any] | None = None  # loop, replaced
 
     @property
     def clock(self) -> VirtualClock:
@@ -456,6 +456,7 @@ class TestApp:
         """Count the calls the loop hands to threads (`run_in_executor`, `to_thread`): the
         store's, handlers' in threads. Undone by `_uncount_threads`."""
         original = loop.run_in_executor
+        replaced = vars(loop).get("run_in_executor")  # another TestApp's, on the same loop
 
         def counted(executor: Any, func: Any, *args: Any) -> asyncio.Future[Any]:
             future = original(executor, func, *args)
@@ -464,16 +465,21 @@ class TestApp:
             return future
 
         loop.run_in_executor = counted  # type: ignore[method-assign,assignment]
-        self._counting = loop
+        self._counting = (loop, replaced)
 
     def _thread_done(self, _future: asyncio.Future[Any]) -> None:
         self._threads -= 1
         self.broker.activity += 1
 
     def _uncount_threads(self) -> None:
-        loop, self._counting = self._counting, None
-        if loop is not None:
+        counting, self._counting = self._counting, None
+        if counting is None:
+            return
+        loop, replaced = counting
+        if replaced is None:
             del loop.run_in_executor
+        else:
+            loop.run_in_executor = replaced  # type: ignore[method-assign]
 
     # --- looking inside ---------------------------------------------------------------------
 
