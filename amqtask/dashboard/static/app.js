@@ -47,6 +47,11 @@ function rate(value) {
   return value === null || value === undefined ? "–" : value.toFixed(1);
 }
 
+/** The last value of a series, or null. */
+function latest(values) {
+  return values?.length ? values[values.length - 1] : null;
+}
+
 function pad(n) {
   return String(n).padStart(2, "0");
 }
@@ -272,12 +277,16 @@ class RateChart {
     this.plot?.destroy();
     this.tasks = names.join("\n");
     const axis = { stroke: cssVar("--muted"), grid: { stroke: cssVar("--grid"), width: 1 }, ticks: { show: false } };
+    const clock = (u, ticks) => ticks.map((t) => when(new Date(t * 1000).toISOString()));
     this.plot = new uPlot(
       {
         ...this.size(),
         title: this.title,
         scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
-        axes: [axis, { ...axis, size: 48, values: (u, ticks) => ticks.map((v) => rate(v)) }],
+        axes: [
+          { ...axis, space: 70, size: 32, values: clock },
+          { ...axis, size: 44, values: (u, ticks) => ticks.map((v) => (Number.isInteger(v) ? String(v) : v.toFixed(1))) },
+        ],
         legend: { live: true },
         cursor: { drag: { x: false, y: false } },
         series: [
@@ -286,6 +295,7 @@ class RateChart {
             label: name,
             stroke: PALETTE[i % PALETTE.length],
             width: 1.5,
+            points: { show: false },
             value: (u, v) => (v === null || v === undefined ? "–" : `${rate(v)}/s`),
           })),
         ],
@@ -330,8 +340,8 @@ function overviewView(main) {
         value: (t) => (t.dead_letters ? link(hashFor("dead-letters", t.task), count(t.dead_letters)) : count(t.dead_letters)),
         className: (t) => (t.dead_letters > 0 ? "bad" : ""),
       },
-      { title: "In/s", testid: "rate-in", num: true, value: (t) => rate(t.rates?.in) },
-      { title: "Out/s", testid: "rate-out", num: true, value: (t) => rate(t.rates?.out) },
+      { title: "In/s", testid: "rate-in", num: true, value: (t) => rate(t.rate_in) },
+      { title: "Out/s", testid: "rate-out", num: true, value: (t) => rate(t.rate_out) },
       { title: "Leader", value: (t) => t.leader ?? "–" },
       {
         title: "Online",
@@ -375,7 +385,7 @@ function overviewView(main) {
       h("dt", {}, "Broker"),
       h("dd", {}, app.config?.broker ?? "–"),
       h("dt", {}, "Counts from"),
-      h("dd", {}, data.source === "management" ? "management API" : "AMQP (passive declares)"),
+      h("dd", {}, String(data.source ?? "").includes("management") ? "AMQP and the management API" : "AMQP only (passive declares)"),
       h("dt", {}, "Delayed"),
       h("dd", { testid: "delayed" }, `${count(data.delayed?.messages)} in ${data.delayed?.levels ?? "?"} delay levels`),
       h("dt", {}, "Leaders"),
@@ -414,7 +424,14 @@ function overviewView(main) {
     app.overview = data;
     const tasks = data.tasks ?? [];
     const lostQueues = new Set((data.no_quorum ?? []).map((q) => q.queue));
-    for (const t of tasks) t.lost_quorum = lostQueues.has(t.queue);
+    for (const t of tasks) {
+      t.lost_quorum = lostQueues.has(t.queue);
+      // The charts' latest point (the broker's smoothed rates where it has them), so the table
+      // and the charts agree; else the change between the last two samples.
+      const series = rates?.tasks?.[t.task];
+      t.rate_in = latest(series?.in) ?? t.rates?.in;
+      t.rate_out = latest(series?.out) ?? t.rates?.out;
+    }
     const dead = sum(tasks, "dead_letters");
     cards.replaceChildren(
       card("Tasks", count(tasks.length), "total-tasks"),
@@ -464,7 +481,7 @@ function deadLettersView(main, task) {
   const selected = new Set();
   const base = `dead-letters/${encodeURIComponent(task)}`;
   const heading = h("h2", {}, "Dead letters of ", h("code", {}, task));
-  const total = h("span", { class: "muted", testid: "letter-count" });
+  const total = h("span", { class: "muted", testid: "dead-letter-total" });
   const pager = h("div", { class: "pager" });
 
   const selectAll = h("input", {
