@@ -16,9 +16,11 @@ from aio_pika.abc import AbstractConnection
 
 import amqtask
 from amqtask._control import inspect_workers
+from amqtask._transport import AioPikaTransport
 from tests import pool_handlers as h
 
 from .conftest import AppFactory, dead_letters, running, wait_for, write_app_module
+from .proxy import start_proxy
 
 NO_RETRY = amqtask.Retry(attempts=1)
 
@@ -203,3 +205,28 @@ async def test_a_request_a_worker_cannot_answer_is_ignored_and_the_worker_answer
         replies = await inspect_workers(asker, timeout=1.0)
 
     assert len(replies) == 1
+
+
+async def test_a_worker_answers_again_once_its_cut_connection_is_restored(
+    make_app: AppFactory, broker_url: str, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", h.Job)
+    await make_app([job]).declare()
+    proxy, through_proxy = await start_proxy(broker_url)
+    try:
+        url = through_proxy.split("?")[0] + "?reconnect_interval=1"
+        worker_app = make_app([job], transport=AioPikaTransport(url, name="worker"))
+        worker_app.handler(job)(h.echo_async)
+        async with running(worker_app), make_app([job]) as asker:
+            before = await inspect_workers(asker, timeout=1.0)
+            proxy.cut()
+            await wait_for(lambda: not worker_app.transport.connected)
+
+            async def answers() -> bool:
+                return len(await inspect_workers(asker, timeout=0.5)) == 1
+
+            await wait_for(answers, timeout=30)
+    finally:
+        await proxy.close()
+
+    assert len(before) == 1
