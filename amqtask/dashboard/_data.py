@@ -139,7 +139,7 @@ class DashboardData:
         try:
             sample = await asyncio.wait_for(self._sampler.sample(), self.app.connect_timeout + 10.0)
         except Exception as exc:
-            self._failed(exc)
+            await self._failed(exc)
             return
         data = _status.report(self.app.contracts, self.app.names, sample, self._previous)
         self._previous = sample
@@ -169,12 +169,14 @@ class DashboardData:
         self._overview, self._error, self._sampled_at = data, None, now
         self._first.set()
 
-    def _failed(self, exc: BaseException) -> None:
+    async def _failed(self, exc: BaseException) -> None:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         self._error = f"broker unreachable: {reason}"
         self._previous = None
         log.warning("dashboard_sample_failed", error=self._error)
         # The connection may be broken: the next tick opens a new one.
+        with suppress(Exception):
+            await asyncio.wait_for(self._sampler.close(), 2.0)
         self._sampler._connection = None
         now = wallclock.now()
         self._times.append(now)
