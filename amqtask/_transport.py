@@ -186,17 +186,19 @@ async def _publish(
     task: str,
     timeout: float | None,
     mandatory: bool,
+    wait: bool = True,
 ) -> None:
     """Publish persistent on `channel` and wait for the broker's confirm.
 
     What aio-pika's `Exchange.publish` does, without building an `aio_pika.Message` (which checks
     and copies every property again) on each send. The timeout is aiormq's own: it covers a
-    connection the broker blocks, the write and the confirm.
+    connection the broker blocks, the write and the confirm. Without `wait`, the confirm is
+    awaited but not the socket's taking the frame (a caller that bounds what it has in flight).
     """
     if channel.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
     try:
-        underlay = await channel.get_underlay_channel()
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
         await underlay.basic_publish(
             message.body,
             exchange=exchange,
@@ -204,6 +206,7 @@ async def _publish(
             properties=_properties(message),
             mandatory=mandatory,
             timeout=timeout,
+            wait=wait,
         )
     except aio_pika.exceptions.PublishError:
         raise Unroutable(
@@ -349,8 +352,10 @@ class _AioPikaReplyChannel:
         # fails, so it is never both failed and published.
         before_publish()
         if on_refused is not None:
+            # Not waiting for the socket either: each call has one request in flight, so what
+            # waits to be written is bounded by the calls in flight.
             confirming = asyncio.ensure_future(
-                self._confirmed(channel, exchange, routing_key, message, task=task)
+                self._confirmed(channel, exchange, routing_key, message, task=task, wait=False)
             )
             self._confirming.add(confirming)
             confirming.add_done_callback(partial(self._confirm_done, on_refused))
@@ -392,10 +397,18 @@ class _AioPikaReplyChannel:
         message: Outgoing,
         *,
         task: str,
+        wait: bool = True,
     ) -> None:
         try:
             await _publish(
-                channel, exchange, routing_key, message, task=task, timeout=None, mandatory=True
+                channel,
+                exchange,
+                routing_key,
+                message,
+                task=task,
+                timeout=None,
+                mandatory=True,
+                wait=wait,
             )
         except _LOST_ERRORS as exc:
             raise ConnectionLost(
