@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 import aio_pika
+import aiormq.abc
 import aiormq.exceptions
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 
 from amqtask import _codec
 from amqtask._app import App
@@ -298,10 +299,57 @@ class DeadLetterDetail:
         }
 
 
+class _Letter:
+    """A delivery as aiormq hands it over, read as a `_codec.Delivery`: aio-pika's message
+    wrapper would double the cost of skipping thousands of letters to reach a page."""
+
+    __slots__ = ("_message",)
+
+    def __init__(self, message: aiormq.abc.DeliveredMessage) -> None:
+        self._message = message
+
+    @property
+    def body(self) -> bytes:
+        return self._message.body
+
+    @property
+    def headers(self) -> Mapping[str, Any]:
+        return self._message.header.properties.headers or {}
+
+    @property
+    def message_id(self) -> str | None:
+        return self._message.header.properties.message_id
+
+    @property
+    def content_type(self) -> str | None:
+        return self._message.header.properties.content_type
+
+    @property
+    def content_encoding(self) -> str | None:
+        return self._message.header.properties.content_encoding
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._message.header.properties.correlation_id
+
+    @property
+    def reply_to(self) -> str | None:
+        return self._message.header.properties.reply_to
+
+    @property
+    def redelivered(self) -> bool | None:
+        return self._message.redelivered
+
+    async def ack(self) -> None:
+        tag = self._message.delivery_tag
+        assert tag is not None  # consumed with manual acks
+        await self._message.channel.basic_ack(tag)
+
+
 async def _scan(
     app: App,
     contract: Contract[Any, Any],
-    visit: Callable[[int, AbstractIncomingMessage], Awaitable[bool]],
+    visit: Callable[[int, _Letter], Awaitable[bool]],
     *,
     first: int | None = None,
 ) -> int:
@@ -322,28 +370,29 @@ async def _scan(
         if wanted == 0:
             await channel.close()
             return count
+        raw = await channel.get_underlay_channel()
         # Past 65535 (the most basic.qos takes) the window is unlimited: the consumer stops at
         # `wanted`, and what the broker sent beyond is dropped unread.
-        await channel.set_qos(prefetch_count=wanted if wanted <= _MAX_PREFETCH else 0)
+        await raw.basic_qos(prefetch_count=wanted if wanted <= _MAX_PREFETCH else 0)
         finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         seen = 0
         progress = asyncio.Event()
 
-        async def deliver(message: AbstractIncomingMessage) -> None:
+        async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
             nonlocal seen
             if finished.done():
                 return
             index, seen = seen, seen + 1
             progress.set()
             try:
-                stop = await visit(index, message)
+                stop = await visit(index, _Letter(message))
             except Exception as exc:
                 finished.set_exception(exc)
                 return
             if stop or seen >= wanted:
                 finished.set_result(None)
 
-        await queue.consume(deliver, no_ack=False)
+        await raw.basic_consume(queue.name, deliver, no_ack=False)
         while not finished.done():
             progress.clear()
             try:
@@ -369,7 +418,7 @@ async def page_dead_letters(
     each with a `preview` of its body. Removes nothing; keeps only the page in memory."""
     page: list[DeadLetter] = []
 
-    async def visit(index: int, message: AbstractIncomingMessage) -> bool:
+    async def visit(index: int, message: _Letter) -> bool:
         if index >= offset:
             page.append(DeadLetter.of(message, preview=preview))
         return False
@@ -385,7 +434,7 @@ async def find_dead_letter(
     `preview` of the body); None if there is none. Removes nothing."""
     found: list[DeadLetterDetail] = []
 
-    async def visit(_index: int, message: AbstractIncomingMessage) -> bool:
+    async def visit(_index: int, message: _Letter) -> bool:
         if message.message_id == message_id:
             found.append(DeadLetterDetail.of(message, preview=preview))
             return True
@@ -401,7 +450,7 @@ async def delete_dead_letters(app: App, contract: Contract[Any, Any], ids: Colle
     wanted = set(ids)
     deleted = 0
 
-    async def visit(_index: int, message: AbstractIncomingMessage) -> bool:
+    async def visit(_index: int, message: _Letter) -> bool:
         nonlocal deleted
         if message.message_id in wanted:
             await message.ack()
