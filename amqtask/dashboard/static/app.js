@@ -766,32 +766,53 @@ function schedulesView(main) {
 
 // --- Workers -------------------------------------------------------------------------------------
 
+/** A work queue and its due queue read as one name: "images.resize (+ due)". */
+function queueNames(queues) {
+  const all = new Set(queues ?? []);
+  return [...all]
+    .filter((q) => !(q.endsWith(".due") && all.has(q.slice(0, -4))))
+    .map((q) => (all.has(`${q}.due`) ? `${q} (+ due)` : q))
+    .join(", ");
+}
+
 function workersView(main) {
   const note = h("p", { class: "note" });
   const table = dataTable(
     [
-      { title: "Worker", value: (w) => w.name },
-      { title: "Host", value: (w) => w.host ?? "–" },
-      { title: "PID", num: true, value: (w) => w.pid ?? "–" },
-      { title: "Queues", value: (w) => (w.queues ?? []).join(", ") },
+      {
+        title: "Worker",
+        value: (w) => h("span", { title: w.name }, w.amqtask_worker ? `${w.host} pid ${w.pid}` : w.name),
+      },
+      { title: "Queues", value: (w) => queueNames(w.queues), className: () => "wrap" },
       { title: "Since", value: (w) => timeCell(w.since) },
       { title: "Concurrency", num: true, value: (w) => count(w.concurrency) },
-      { title: "In flight", num: true, value: (w) => count(w.in_flight) },
+      { title: "Prefetch", num: true, value: (w) => count(w.prefetch) },
+      { title: "In flight", testid: "in-flight", num: true, value: (w) => count(w.in_flight) },
+      { title: "Succeeded", num: true, value: (w) => count(w.processed?.succeeded) },
+      { title: "Failed", num: true, value: (w) => count(w.processed?.failed), className: (w) => (w.processed?.failed > 0 ? "warn" : "") },
       {
         title: "Pool",
         value: (w) =>
-          w.pool && typeof w.pool === "object"
-            ? Object.entries(w.pool).map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ")
-            : "–",
+          [
+            w.pool_type,
+            ...Object.entries(w.pool ?? {}).map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`),
+          ]
+            .filter(Boolean)
+            .join(", ") || "–",
       },
     ],
-    { key: (w) => `${w.name}\n${w.host}\n${w.pid}`, rowTestid: (w) => `worker-${w.pid ?? w.name}`, empty: "No worker consumes this app's queues." },
+    { key: (w) => `${w.name}\n${w.peer ?? ""}`, rowTestid: (w) => `worker-${w.pid ?? w.name}`, empty: "No worker consumes this app's queues." },
   );
   main.append(panel("Workers", table.el, note));
   async function refresh() {
     const data = await api("workers");
     table.update(data.workers ?? []);
-    note.textContent = data.available === false ? "Workers are read from the management API, which cannot be reached (--management-url)." : "";
+    note.textContent =
+      data.available === false
+        ? "Workers are read from the management API, which cannot be reached (--management-url)."
+        : data.inspected === false
+          ? "The workers did not answer inspect: in flight and pool unknown."
+          : "";
   }
   return { refresh, poll: true };
 }
@@ -880,14 +901,19 @@ function taskView(main, id) {
     });
   }
 
+  let shown = "";
   async function refresh() {
     const data = await api(`tasks/${encodeURIComponent(id)}`);
+    // Rebuilt only when something changed: the Revoke button stays put between polls.
+    const signature = JSON.stringify(data);
+    if (signature === shown) return;
+    shown = signature;
     const t = data.task;
     const finished = ["succeeded", "failed", "revoked"].includes(t.state);
     const terminateBox = h("input", { type: "checkbox", checked: terminate, disabled: Boolean(app.config?.read_only), onchange: (e) => (terminate = e.target.checked) });
     const revokeButton = actionButton("Revoke", "revoke", revoke, "danger");
     if (finished) revokeButton.disabled = true;
-    body.replaceChildren(
+    body.replaceChildren(...[
       h(
         "section",
         { class: "panel" },
@@ -918,17 +944,25 @@ function taskView(main, id) {
         h(
           "ol",
           { class: "timeline", testid: "timeline" },
-          (data.timeline ?? []).map((e) => h("li", { class: stateClass[e.event] ?? "" }, h("span", { class: "event" }, e.event), " ", timeCell(e.at), h("span", { class: "muted" }, ` ${e.at ?? ""}`))),
+          (data.timeline ?? []).map((e) => h("li", { class: stateClass[e.event] ?? "" }, h("span", { class: "event" }, e.event), " ", timeCell(e.at))),
         ),
       ),
       t.traceback ? panel("Traceback", h("pre", { class: "code" }, t.traceback)) : null,
       t.result !== undefined && t.result !== null ? panel("Result", h("pre", { class: "code" }, JSON.stringify(t.result, null, 2))) : null,
-    );
+    ].filter(Boolean));
   }
   return { refresh, poll: true };
 }
 
 // --- Contracts -----------------------------------------------------------------------------------
+
+function retryText(retry) {
+  if (!retry) return "–";
+  const { attempts, initial, backoff, max_delay: max, on } = retry;
+  if (attempts <= 1) return "no retries (1 attempt)";
+  const when = on?.length ? `; on ${on.join(", ")}` : "";
+  return `${attempts} attempts, ${initial} s then ×${backoff} up to ${max} s${when}`;
+}
 
 function contractsView(main) {
   const list = h("div", { class: "contracts", testid: "contracts" });
@@ -951,7 +985,7 @@ function contractsView(main) {
               ["Routing key", c.routing_key],
               ["Max length", c.max_length === null || c.max_length === undefined ? "unbounded" : `${count(c.max_length)} (${c.overflow})`],
               ["Delivery limit", c.delivery_limit ?? "–"],
-              ["Retry", c.retry ? JSON.stringify(c.retry) : "–"],
+              ["Retry", retryText(c.retry)],
             ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v ?? "–"))]),
           ),
           h("details", {}, h("summary", {}, "Input schema"), h("pre", { class: "code" }, JSON.stringify(c.input, null, 2))),
