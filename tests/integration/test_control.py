@@ -219,8 +219,11 @@ async def test_a_worker_answers_again_once_its_cut_connection_is_restored(
         worker_app.handler(job)(h.echo_async)
         async with running(worker_app), make_app([job]) as asker:
             before = await inspect_workers(asker, timeout=1.0)
+            connection = worker_app.transport.connection  # type: ignore[attr-defined]
+            first = connection.transport  # the AMQP connection under the robust one
             proxy.cut()
-            await wait_for(lambda: not worker_app.transport.connected)
+            # Reconnected: a new AMQP connection (the old one was cut), open.
+            await wait_for(lambda: connection.transport not in (None, first), timeout=30)
 
             async def answers() -> bool:
                 return len(await inspect_workers(asker, timeout=0.5)) == 1
