@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 from aiohttp import web
@@ -194,6 +195,46 @@ async def test_a_cancelled_confirmation_replays_nothing(
         await expect(rows).to_have_count(1)
     assert await depth_is(amqp, job.queue, 0)
     assert await depth_is(amqp, f"{job.queue}.dead", 1)
+
+
+HOSTILE = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+
+
+async def test_markup_in_a_dead_letter_is_shown_as_text_and_never_runs(
+    make_app: AppFactory, amqp: AbstractConnection, browser: Browser, unique: str, artifacts: Path
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    letter = aio_pika.Message(
+        f'{{"n": 1, "note": "{HOSTILE}"}}'.encode(),
+        message_id="m1<b>x</b>",
+        headers={
+            "amqtask-task": job.name,
+            "amqtask-reason": f"handler_error {HOSTILE}",
+            "amqtask-error": f"ValueError: {HOSTILE}",
+            "amqtask-traceback": f"Traceback (most recent call last):\n  {HOSTILE}",
+            "amqtask-attempt": "abc",
+            "x-custom": HOSTILE,
+        },
+    )
+    async with amqp.channel() as channel:
+        await channel.default_exchange.publish(letter, routing_key=f"{job.queue}.dead")
+    await wait_for(lambda: depth_is(amqp, f"{job.queue}.dead", 1))
+    async with dashboard(app) as url:
+        page = await open_page(browser, url + f"#/dead-letters/{job.name}")
+        row = page.get_by_test_id("letter-m1<b>x</b>")
+        await expect(row).to_contain_text(f"ValueError: {HOSTILE}", timeout=SLOW)
+        await expect(row).to_contain_text("abc")
+        await row.get_by_role("link", name="m1<b>x</b>").click()
+        detail = page.get_by_test_id("letter-detail")
+        await expect(detail.get_by_test_id("body")).to_contain_text(HOSTILE, timeout=SLOW)
+        await expect(detail.get_by_test_id("traceback")).to_contain_text(HOSTILE)
+        await expect(detail).to_contain_text(f"handler_error {HOSTILE}")
+        await page.screenshot(path=artifacts / "dead-letter-hostile.png", full_page=True)
+        assert await page.evaluate("window.pwned") is None
+        assert await page.locator("#view img, #view script, #view b").count() == 0
+        assert PAGE_ERRORS.pop(page) == []
 
 
 async def test_a_schedule_paused_by_a_click_is_paused_for_the_schedulers(

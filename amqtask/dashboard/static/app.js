@@ -40,7 +40,9 @@ const numberFormat = new Intl.NumberFormat("en-US");
 
 /** A count; null means the source could not tell (AMQP has no unacked count): "?". */
 function count(value) {
-  return value === null || value === undefined ? "?" : numberFormat.format(value);
+  if (value === null || value === undefined) return "?";
+  // A header another program wrote may hold anything: shown as it is, not as NaN.
+  return typeof value === "number" ? numberFormat.format(value) : String(value);
 }
 
 function rate(value) {
