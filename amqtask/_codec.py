@@ -488,6 +488,25 @@ def _encoded_size(value: Any) -> int | None:
         return None
 
 
+_INT64 = range(-(2**63), 2**63)
+
+
+def _surely_fits(headers: Mapping[str, Any], budget: int) -> bool:
+    """Whether `headers` certainly encode within `budget` bytes, told without encoding them:
+    ASCII keys and texts, 64-bit integers and booleans only (anything else: not known)."""
+    total = 4  # the table's length
+    for key, value in headers.items():
+        if not (type(key) is str and key.isascii() and len(key) <= 128):  # pamqp cuts longer
+            return False
+        if type(value) is str and value.isascii():
+            total += len(key) + len(value) + 6  # key length, key, type, value length, value
+        elif (type(value) is int and value in _INT64) or type(value) is bool:
+            total += len(key) + 10
+        else:
+            return False
+    return total <= budget
+
+
 def fit_headers(message: Outgoing, budget: int) -> Outgoing:
     """Make `message`'s headers encodable within `budget` bytes (the frame they travel in).
 
@@ -496,6 +515,8 @@ def fit_headers(message: Outgoing, budget: int) -> Outgoing:
     Headers that do not encode, then the largest ones not amqtask's own, are left off, and their
     names listed in `amqtask-dropped-headers`. Changes `message` in place and returns it.
     """
+    if _surely_fits(message.headers, budget):
+        return message  # a reply's or a task's few short headers: nothing to measure
     sizes = {key: _encoded_size(value) for key, value in message.headers.items()}
     dropped = [key for key, size in sizes.items() if size is None]
     total = sum(size for size in sizes.values() if size is not None)

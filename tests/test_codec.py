@@ -384,3 +384,36 @@ def test_message_ids_are_distinct_version_4_uuids_in_hex() -> None:
     for message_id in ids:
         parsed = uuid.UUID(hex=message_id)
         assert (parsed.version, parsed.variant, parsed.hex) == (4, uuid.RFC_4122, message_id)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"amqtask-task": "jobs.run", "amqtask-version": 1},
+        {"k": "x" * 900, "big": 2**63 - 1, "neg": -(2**63), "flag": True},
+        {"k" * 128: "v"},
+    ],
+)
+def test_headers_said_to_fit_without_encoding_do_fit_once_encoded(headers: dict[str, Any]) -> None:
+    from amqtask._codec import _surely_fits, field_table
+
+    encoded = len(field_table(headers))
+    assert _surely_fits(headers, encoded + 10 * len(headers))
+    for budget in range(encoded - 20, encoded + 10 * len(headers)):
+        assert not _surely_fits(headers, budget) or encoded <= budget
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"text": "café"},  # not ASCII: its size is measured, not guessed
+        {"huge": 2**64},  # no 64-bit integer: pamqp cannot encode it
+        {"k" * 129: "v"},  # a key pamqp would cut short
+        {"when": 1.5},
+        {"k": "x" * 2000},  # over the budget below
+    ],
+)
+def test_headers_that_may_not_fit_are_measured(headers: dict[str, Any]) -> None:
+    from amqtask._codec import _surely_fits
+
+    assert not _surely_fits(headers, 1000)
