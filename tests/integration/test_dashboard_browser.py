@@ -258,6 +258,35 @@ async def test_a_schedule_paused_by_a_click_is_paused_for_the_schedulers(
     assert listing.state.schedules["beat"].paused is True
 
 
+async def test_tasks_of_the_store_are_found_and_one_is_revoked_from_its_timeline(
+    make_app: AppFactory, browser: Browser, unique: str, tmp_path: Path, artifacts: Path
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    store = f"sqlite:///{tmp_path}/tasks.db"
+    app = make_app([job], store=store)
+    await app.declare()
+    async with make_app([job], store=store) as producer:
+        ids = [await producer.send(job, Job(n=n)) for n in range(3)]
+    async with dashboard(app) as url:
+        page = await open_page(browser, url + "#/tasks")
+        for task_id in ids:
+            await expect(page.get_by_test_id(f"task-{task_id}")).to_be_visible(timeout=SLOW)
+        await page.get_by_test_id("search-id").fill(ids[1])
+        await page.get_by_test_id("search").click()
+        await expect(page.locator('tr[data-testid^="task-"]')).to_have_count(1, timeout=SLOW)
+        await page.get_by_role("link", name=ids[1]).click()
+        detail = page.get_by_test_id("task-detail")
+        await expect(detail.get_by_test_id("timeline")).to_contain_text("queued", timeout=SLOW)
+        await detail.get_by_test_id("revoke").click()
+        await page.get_by_test_id("confirm").click()
+        await expect(detail.get_by_test_id("timeline")).to_contain_text("revoked", timeout=SLOW)
+        await page.screenshot(path=artifacts / "task-revoked.png", full_page=True)
+        assert PAGE_ERRORS.pop(page) == []
+    info = await app.task(ids[1])
+    assert info is not None
+    assert info.state == "revoked"
+
+
 async def test_the_overview_fits_a_phone_screen(
     make_app: AppFactory, amqp: AbstractConnection, browser: Browser, unique: str, artifacts: Path
 ) -> None:

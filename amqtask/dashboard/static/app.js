@@ -1067,8 +1067,8 @@ async function start() {
     return;
   }
   const c = app.config;
-  document.title = `${c.app} · amqtask`;
-  $('[data-testid="app-name"]').textContent = c.app;
+  document.title = `${c.app ?? c.namespace} · amqtask`;
+  $('[data-testid="app-name"]').textContent = c.app ?? "";
   $('[data-testid="broker"]').textContent = `${c.broker} · ${c.namespace}`;
   $('[data-testid="read-only"]').hidden = !c.read_only;
   document.body.classList.toggle("read-only", Boolean(c.read_only));
