@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import aio_pika
 import aiormq.abc
@@ -196,6 +196,9 @@ class Delivery:
         "redelivered",
         "routing_key",
     )
+
+    acks_at_once: ClassVar[bool] = True
+    """`ack` returns at once, whatever the connection does: it needs no bound of its own."""
 
     def __init__(
         self,

@@ -287,6 +287,15 @@ class Settler:
 
     async def _ack(self, envelope: Envelope) -> None:
         delivery = _incoming(envelope)
+        if getattr(delivery, "acks_at_once", False):
+            # A batched ack (`amqtask._consume`) only queues its tag: no timer needed to bound it.
+            try:
+                await delivery.ack()
+            except Exception as exc:
+                log.warning(
+                    "settle_failed", how="ack", message_id=envelope.message_id, error=repr(exc)
+                )
+            return
         await self._bounded("ack", envelope, delivery.ack)
 
     async def _broker_dead_letter(self, envelope: Envelope) -> None:
