@@ -1,0 +1,345 @@
+// Dead letters: the queues, a paged table per task with replay and purge, one letter in full.
+
+import {
+  app,
+  h,
+  $,
+  count,
+  timeCell,
+  clip,
+  link,
+  hashFor,
+  panel,
+  empty,
+  api,
+  post,
+  actionButton,
+  perform,
+  plural,
+  dataTable,
+} from "./ui.js";
+
+const PAGE = 50; // dead letters per page
+
+export function deadLetterQueuesView(main) {
+  const table = dataTable(
+    [
+      { title: "Task", value: (q) => link(hashFor("dead-letters", q.task), q.task) },
+      { title: "Dead-letter queue", value: (q) => q.dead_letter_queue },
+      {
+        title: "Messages",
+        testid: "count",
+        num: true,
+        value: (q) => count(q.count),
+        className: (q) => (q.count > 0 ? "bad" : ""),
+      },
+    ],
+    { key: (q) => q.task, rowTestid: (q) => `dlq-${q.task}`, empty: "No tasks." },
+  );
+  main.append(panel("Dead-letter queues", table.el));
+  return {
+    poll: true,
+    refresh: async () => table.update((await api("dead-letters")).queues ?? []),
+  };
+}
+
+export function deadLettersView(main, task) {
+  let offset = 0;
+  let page = { letters: [], count: 0 };
+  const selected = new Set();
+  const base = `dead-letters/${encodeURIComponent(task)}`;
+  const heading = h("h2", {}, "Dead letters of ", h("code", {}, task));
+  const total = h("span", { class: "muted", testid: "dead-letter-total" });
+  const pager = h("div", { class: "pager" });
+
+  const selectAll = h("input", {
+    type: "checkbox",
+    "aria-label": "select all on this page",
+    testid: "select-page",
+    onchange: () => {
+      for (const letter of page.letters) {
+        if (letter.message_id)
+          selectAll.checked ? selected.add(letter.message_id) : selected.delete(letter.message_id);
+      }
+      for (const box of table.el.querySelectorAll("tbody input[type=checkbox]"))
+        box.checked = selectAll.checked;
+      syncButtons();
+    },
+  });
+
+  const table = dataTable(
+    [
+      {
+        title: "",
+        once: true,
+        value: (d) =>
+          h("input", {
+            type: "checkbox",
+            "aria-label": `select ${d.message_id}`,
+            testid: "select",
+            disabled: !d.message_id,
+            checked: selected.has(d.message_id),
+            onchange: (event) => {
+              event.target.checked ? selected.add(d.message_id) : selected.delete(d.message_id);
+              syncButtons();
+            },
+          }),
+      },
+      {
+        title: "Message id",
+        value: (d) =>
+          d.message_id
+            ? link(hashFor("dead-letters", task, d.message_id), d.message_id, { class: "mono" })
+            : "(none)",
+      },
+      { title: "Reason", value: (d) => d.reason ?? "–" },
+      { title: "Attempts", num: true, value: (d) => count(d.attempts) },
+      { title: "First failure", value: (d) => timeCell(d.first_failed_at) },
+      { title: "Last failure", value: (d) => timeCell(d.failed_at) },
+      {
+        title: "Error",
+        value: (d) => h("span", { class: "error-text", title: d.error ?? "" }, clip(d.error, 200)),
+        className: () => "clipped",
+      },
+      {
+        title: "",
+        once: true,
+        value: (d) =>
+          h(
+            "span",
+            { class: "row-actions" },
+            actionButton("Replay", "replay", () => replay([d.message_id]), "small"),
+            actionButton("Purge", "purge", () => purge([d.message_id]), "small danger"),
+          ),
+      },
+    ],
+    {
+      key: (d) => d.message_id ?? JSON.stringify(d),
+      rowTestid: (d) => `letter-${d.message_id}`,
+      empty: "No dead letters.",
+    },
+  );
+  $("thead th", table.el).replaceChildren(selectAll);
+
+  const buttons = {
+    replaySelected: actionButton("Replay selected", "replay-selected", () => replay([...selected])),
+    purgeSelected: actionButton("Purge selected", "purge-selected", () => purge([...selected]), "danger"),
+    replayAll: actionButton("Replay all", "replay-all", () => replay(null)),
+    purgeAll: actionButton("Purge all", "purge-all", () => purge(null), "danger"),
+  };
+
+  function syncButtons() {
+    const readOnly = Boolean(app.config?.read_only);
+    buttons.replaySelected.disabled = readOnly || selected.size === 0;
+    buttons.purgeSelected.disabled = readOnly || selected.size === 0;
+    buttons.replayAll.disabled = readOnly || !page.count;
+    buttons.purgeAll.disabled = readOnly || !page.count;
+    buttons.replaySelected.textContent = selected.size
+      ? `Replay ${selected.size} selected`
+      : "Replay selected";
+    buttons.purgeSelected.textContent = selected.size ? `Purge ${selected.size} selected` : "Purge selected";
+  }
+
+  function what(ids) {
+    if (ids === null) return `all ${plural(page.count ?? 0, "dead letter")} of ${task}`;
+    return ids.length === 1 ? `dead letter ${ids[0]}` : plural(ids.length, "dead letter");
+  }
+
+  function replay(ids) {
+    return perform({
+      title: "Replay",
+      text: `Send ${what(ids)} back to the work queue of ${task}? Each is removed from the dead-letter queue once the broker confirms the copy.`,
+      label: "Replay",
+      run: () => post(`${base}/replay`, ids === null ? { all: true } : { ids }),
+      done: (r) => {
+        ids?.forEach((id) => selected.delete(id));
+        if (ids === null) selected.clear();
+        return `Replayed ${plural(r.replayed, "message")}.`;
+      },
+    });
+  }
+
+  function purge(ids) {
+    return perform({
+      title: "Purge",
+      text: `Delete ${what(ids)}? This cannot be undone.`,
+      label: "Purge",
+      run: () => post(`${base}/purge`, ids === null ? { all: true } : { ids }),
+      done: (r) => {
+        ids?.forEach((id) => selected.delete(id));
+        if (ids === null) selected.clear();
+        return `Purged ${plural(r.purged, "message")}.`;
+      },
+    });
+  }
+
+  function renderPager() {
+    const shown = page.letters.length;
+    const last = offset + shown;
+    pager.replaceChildren(
+      h(
+        "button",
+        { class: "button small", type: "button", disabled: offset === 0, onclick: () => go(offset - PAGE) },
+        "‹ Previous",
+      ),
+      h("span", { class: "muted" }, shown ? `${offset + 1}–${last} of ${count(page.count)}` : ""),
+      h(
+        "button",
+        {
+          class: "button small",
+          type: "button",
+          disabled: page.count === null ? shown < PAGE : last >= page.count,
+          onclick: () => go(offset + PAGE),
+        },
+        "Next ›",
+      ),
+    );
+  }
+
+  async function go(next) {
+    offset = Math.max(0, next);
+    await refresh();
+  }
+
+  async function refresh() {
+    page = await api(`${base}?offset=${offset}&limit=${PAGE}`);
+    const letters = page.letters ?? [];
+    table.update(letters);
+    const ids = new Set(letters.map((d) => d.message_id));
+    for (const [key, row] of table.rows) {
+      const box = $("input[type=checkbox]", row);
+      if (box) box.checked = selected.has(key);
+    }
+    for (const id of [...selected]) if (!ids.has(id)) selected.delete(id);
+    selectAll.checked = letters.length > 0 && letters.every((d) => selected.has(d.message_id));
+    total.textContent = `${count(page.count)} in ${page.dead_letter_queue ?? "the dead-letter queue"}`;
+    renderPager();
+    syncButtons();
+  }
+
+  main.append(
+    h("p", { class: "crumbs" }, link("#/dead-letters", "Dead letters"), " / ", task),
+    h(
+      "section",
+      { class: "panel" },
+      h("div", { class: "panel-head" }, heading, total),
+      h("div", { class: "toolbar" }, Object.values(buttons)),
+      table.el,
+      pager,
+    ),
+  );
+  syncButtons();
+  return { refresh, poll: true };
+}
+
+function headersTable(headers) {
+  const entries = Object.entries(headers ?? {});
+  if (!entries.length) return empty("No headers.");
+  return h(
+    "div",
+    { class: "table-wrap" },
+    h(
+      "table",
+      { class: "data kv" },
+      h(
+        "tbody",
+        {},
+        entries.map(([k, v]) =>
+          h(
+            "tr",
+            {},
+            h("th", {}, k),
+            h("td", { class: "mono" }, typeof v === "string" ? v : JSON.stringify(v)),
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
+export function deadLetterView(main, task, id) {
+  const base = `dead-letters/${encodeURIComponent(task)}`;
+  const body = h("div", { testid: "letter-detail" });
+  main.append(
+    h(
+      "p",
+      { class: "crumbs" },
+      link("#/dead-letters", "Dead letters"),
+      " / ",
+      link(hashFor("dead-letters", task), task),
+      " / ",
+      h("span", { class: "mono" }, id),
+    ),
+    body,
+  );
+
+  async function act(kind) {
+    const replaying = kind === "replay";
+    await perform({
+      title: replaying ? "Replay" : "Purge",
+      text: replaying
+        ? `Send dead letter ${id} back to the work queue of ${task}?`
+        : `Delete dead letter ${id}? This cannot be undone.`,
+      label: replaying ? "Replay" : "Purge",
+      run: () => post(`${base}/${kind}`, { ids: [id] }),
+      done: (r) =>
+        replaying ? `Replayed ${plural(r.replayed, "message")}.` : `Purged ${plural(r.purged, "message")}.`,
+    });
+    location.hash = hashFor("dead-letters", task);
+  }
+
+  async function refresh() {
+    let letter;
+    try {
+      letter = (await api(`${base}/${encodeURIComponent(id)}`)).letter;
+    } catch (error) {
+      if (error.status !== 404) throw error;
+      body.replaceChildren(
+        panel(null, empty("This dead letter is no longer in the queue (replayed, purged or expired).")),
+      );
+      return;
+    }
+    const size = `${count(letter.body_size)} bytes${letter.body_truncated ? ", preview truncated" : ""}`;
+    body.replaceChildren(
+      h(
+        "section",
+        { class: "panel" },
+        h(
+          "div",
+          { class: "panel-head" },
+          h("h2", {}, "Dead letter ", h("code", {}, id)),
+          h(
+            "div",
+            { class: "toolbar" },
+            actionButton("Replay", "replay", () => act("replay")),
+            actionButton("Purge", "purge", () => act("purge"), "danger"),
+          ),
+        ),
+        h(
+          "dl",
+          { class: "facts" },
+          [
+            ["Task", letter.task],
+            ["Reason", letter.reason],
+            ["Attempts", count(letter.attempts)],
+            ["First failure", letter.first_failed_at],
+            ["Last failure", letter.failed_at],
+            ["Error type", letter.error_type],
+            ["Error", letter.error],
+            ["Content type", [letter.content_type, letter.content_encoding].filter(Boolean).join("; ")],
+          ].map(([k, v]) => [h("dt", {}, k), h("dd", {}, v || "–")]),
+        ),
+      ),
+      panel(
+        "Traceback",
+        letter.traceback
+          ? h("pre", { class: "code", testid: "traceback" }, letter.traceback)
+          : empty("No traceback."),
+      ),
+      panel(`Body (${size})`, h("pre", { class: "code", testid: "body" }, letter.body ?? "")),
+      panel("Headers", headersTable(letter.headers)),
+    );
+  }
+
+  return { refresh, poll: false };
+}
