@@ -28,7 +28,7 @@ from typing import Any, Self
 import aio_pika
 import aiormq.abc
 import aiormq.exceptions
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
 from amqtask import _codec
 from amqtask._app import App
@@ -240,6 +240,7 @@ async def replay(
             await message.ack()
             replayed += 1
         await getter.close()
+        await _returned(connection, queue.name, count - replayed)
     return replayed
 
 
@@ -258,6 +259,7 @@ async def purge(app: App, contract: Contract[Any, Any]) -> int:
 DETAIL_PREVIEW_BYTES = 64 * 1024  # how much of one letter's body its detail view shows
 _MAX_PREFETCH = 65535  # basic.qos takes a 16-bit prefetch count
 _QUIET = 1.0  # seconds without a delivery after which a scan ends (the queue shrank meanwhile)
+_RETURN_WAIT = 2.0  # seconds a scan waits for the queue to take its unacked messages back
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,10 +305,11 @@ class _Letter:
     """A delivery as aiormq hands it over, read as a `_codec.Delivery`: aio-pika's message
     wrapper would double the cost of skipping thousands of letters to reach a page."""
 
-    __slots__ = ("_message",)
+    __slots__ = ("_message", "acked")
 
     def __init__(self, message: aiormq.abc.DeliveredMessage) -> None:
         self._message = message
+        self.acked = False
 
     @property
     def body(self) -> bytes:
@@ -344,6 +347,7 @@ class _Letter:
         tag = self._message.delivery_tag
         assert tag is not None  # consumed with manual acks
         await self._message.channel.basic_ack(tag)
+        self.acked = True
 
 
 async def _scan(
@@ -375,17 +379,19 @@ async def _scan(
         # `wanted`, and what the broker sent beyond is dropped unread.
         await raw.basic_qos(prefetch_count=wanted if wanted <= _MAX_PREFETCH else 0)
         finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        seen = 0
+        seen = acked = 0
         progress = asyncio.Event()
 
         async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
-            nonlocal seen
+            nonlocal seen, acked
             if finished.done():
                 return
             index, seen = seen, seen + 1
             progress.set()
+            letter = _Letter(message)
             try:
-                stop = await visit(index, _Letter(message))
+                stop = await visit(index, letter)
+                acked += letter.acked
             except Exception as exc:
                 finished.set_exception(exc)
                 return
@@ -401,9 +407,26 @@ async def _scan(
                 if not progress.is_set():
                     break  # fewer messages than counted: others took some meanwhile
         await channel.close()
+        await _returned(connection, queue.name, count - acked)
         if finished.done():
             finished.result()  # a visit's error
         return count
+
+
+async def _returned(connection: AbstractConnection, queue: str, expected: int) -> None:
+    """Wait (up to `_RETURN_WAIT` seconds) until `queue` counts `expected` ready messages again.
+
+    A quorum queue takes back the messages of a closed channel after the close completed: a
+    listing right after a scan would miss them for a moment, and a page would come up short.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _RETURN_WAIT
+    while True:
+        async with connection.channel(publisher_confirms=False) as channel:
+            declared = await channel.declare_queue(queue, passive=True)
+        if (declared.declaration_result.message_count or 0) >= expected or loop.time() > deadline:
+            return
+        await asyncio.sleep(0.01)
 
 
 async def page_dead_letters(

@@ -290,6 +290,44 @@ class Management:
     def queues(self, vhost: str, names: Sequence[str]) -> dict[str, QueueStats]:
         return {name: self.queue(vhost, name) for name in names}
 
+    def listed_queues(self, vhost: str, names: Sequence[str]) -> dict[str, QueueStats]:
+        """`names` from one listing of the vhost's queues (`GET /api/queues/{vhost}`, only the
+        columns read here): one request instead of one per queue, for an app of hundreds."""
+        columns = ",".join(_LISTED_COLUMNS)
+        payload = self.get(f"/queues/{quote(vhost, safe='')}?columns={columns}")
+        if payload is None:
+            payload = []  # no such vhost: no queue exists
+        if not isinstance(payload, list):
+            raise ManagementUnavailable(f"unexpected answer for the queues of {vhost!r}")
+        found = {
+            item["name"]: item
+            for item in payload
+            if isinstance(item, Mapping) and isinstance(item.get("name"), str)
+        }
+        return {
+            name: parse_management_queue(name, found[name])
+            if name in found
+            else QueueStats(name, exists=False)
+            for name in names
+        }
+
+
+# What `parse_management_queue` reads: a listing asks for these alone.
+_LISTED_COLUMNS = (
+    "name",
+    "type",
+    "messages",
+    "messages_ready",
+    "messages_unacknowledged",
+    "messages_dlx",
+    "consumers",
+    "message_stats",
+    "leader",
+    "node",
+    "members",
+    "online",
+)
+
 
 def merge(amqp: QueueStats, management: QueueStats | None) -> QueueStats:
     """AMQP's current existence, ready and consumer counts, with the management API's unacked
@@ -348,9 +386,13 @@ class Sampler:
     """Reads the queues status shows over one AMQP connection (opened on first need, kept for
     `--watch`), and from the management API too when given and reachable."""
 
-    def __init__(self, app: App, management: Management | None = None) -> None:
+    def __init__(
+        self, app: App, management: Management | None = None, *, listing: bool = False
+    ) -> None:
         self.app = app
         self.management = management
+        # One listing of the vhost's queues per sample rather than a request per queue.
+        self.listing = listing
         self.vhost = vhost_of(app.url)
         self.queues = queues_of(app.contracts, app.names)
         self._connection: AbstractConnection | None = None
@@ -364,7 +406,8 @@ class Sampler:
         if self.management is None:
             return Sample(Source.AMQP, queues)
         try:
-            extra = await asyncio.to_thread(self.management.queues, self.vhost, self.queues)
+            read = self.management.listed_queues if self.listing else self.management.queues
+            extra = await asyncio.to_thread(read, self.vhost, self.queues)
         except ManagementUnavailable as exc:
             # Not asked again: a watch keeps one source, so its rates stay comparable.
             self.management = None

@@ -86,7 +86,7 @@ class DashboardData:
         self.app_path = app_path
         self.interval = interval
         self.contracts = sorted(app.contracts, key=lambda c: (c.name, c.version))
-        self._sampler = _status.Sampler(app, management)
+        self._sampler = _status.Sampler(app, management, listing=True)
         self._previous: _status.Sample | None = None
         self._overview: dict[str, Any] | None = None
         self._error: str | None = None
