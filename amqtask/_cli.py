@@ -1267,7 +1267,7 @@ def dashboard(
     \b
     Example:
       amqtask dashboard examples.app:app
-      amqtask dashboard examples.app:app --host 0.0.0.0 --auth admin:s3cret --read-only
+      AMQTASK_DASHBOARD_AUTH=admin:s3cret amqtask dashboard examples.app:app --host 0.0.0.0
     """
     _logging.configure(logging.WARNING)
     try:
