@@ -45,7 +45,11 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 async function show() {
   const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decodeURIComponent);
   const [tab, make] = resolve(parts);
-  for (const a of document.querySelectorAll(".tabs a")) a.classList.toggle("active", a.dataset.tab === tab);
+  for (const a of document.querySelectorAll(".tabs a")) {
+    a.classList.toggle("active", a.dataset.tab === tab);
+    if (a.dataset.tab === tab) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
   app.view?.destroy?.();
   const main = $("#view");
   main.replaceChildren();

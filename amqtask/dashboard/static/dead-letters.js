@@ -275,7 +275,7 @@ export function deadLetterView(main, task, id) {
 
   async function act(kind) {
     const replaying = kind === "replay";
-    await perform({
+    const ran = await perform({
       title: replaying ? "Replay" : "Purge",
       text: replaying
         ? `Send dead letter ${id} back to the work queue of ${task}?`
@@ -285,7 +285,7 @@ export function deadLetterView(main, task, id) {
       done: (r) =>
         replaying ? `Replayed ${plural(r.replayed, "message")}.` : `Purged ${plural(r.purged, "message")}.`,
     });
-    location.hash = hashFor("dead-letters", task);
+    if (ran) location.hash = hashFor("dead-letters", task);
   }
 
   async function refresh() {

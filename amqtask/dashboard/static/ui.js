@@ -159,16 +159,19 @@ export function actionButton(label, testid, onclick, extra = "") {
   );
 }
 
-/** Confirm, run the write, say what it did (or why not), then refresh the view. */
+/** Confirm, run the write, say what it did (or why not), refresh the view; true if it ran. */
 export async function perform({ title, text, label, run, done }) {
-  if (!(await confirmAction(title, text, label))) return;
+  if (!(await confirmAction(title, text, label))) return false;
+  let ok = false;
   try {
     const result = await run();
     notify(done(result));
+    ok = true;
   } catch (error) {
     notify(`${title} failed: ${error.message}`, "error");
   }
-  await app.view?.refresh?.();
+  await app.view?.refresh?.().catch(() => {});
+  return ok;
 }
 
 export function plural(n, word) {
