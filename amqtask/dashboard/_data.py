@@ -101,6 +101,9 @@ class DashboardData:
         self._ticks = 0
         self._task: asyncio.Task[None] | None = None
         self._connected = False  # the app's own connection, opened for revoke
+        # One reader of a dead-letter queue at a time: letters one scan holds unacked are
+        # invisible to another, whose page would skip them.
+        self._scans: dict[str, asyncio.Lock] = {}
 
     # --- the background sampler ---------------------------------------------------------------
 
@@ -260,6 +263,9 @@ class DashboardData:
             raise NotFound(f"no task {task!r} in this app")
         return matches[-1]
 
+    def _scan_lock(self, contract: Contract[Any, Any]) -> asyncio.Lock:
+        return self._scans.setdefault(contract.queue, asyncio.Lock())
+
     def dead_letter_queues(self) -> dict[str, Any]:
         rows = {row["task"]: row for row in (self._overview or {}).get("tasks", [])}
         seen: dict[str, dict[str, Any]] = {}
@@ -277,9 +283,10 @@ class DashboardData:
         contract = self.contract(task)
         limit = max(1, min(limit, MAX_PAGE))
         offset = max(offset, 0)
-        count, page = await _dead_letters.page_dead_letters(
-            self.app, contract, offset=offset, limit=limit
-        )
+        async with self._scan_lock(contract):
+            count, page = await _dead_letters.page_dead_letters(
+                self.app, contract, offset=offset, limit=limit
+            )
         return {
             "task": task,
             "dead_letter_queue": dead_letter_queue_name(contract.queue),
@@ -291,7 +298,8 @@ class DashboardData:
 
     async def dead_letter(self, task: str, message_id: str) -> dict[str, Any]:
         contract = self.contract(task)
-        found = await _dead_letters.find_dead_letter(self.app, contract, message_id)
+        async with self._scan_lock(contract):
+            found = await _dead_letters.find_dead_letter(self.app, contract, message_id)
         if found is None:
             raise NotFound(f"no dead letter {message_id!r} in the dead letters of {task!r}")
         return {"letter": found.to_dict()}
@@ -299,13 +307,15 @@ class DashboardData:
     async def replay(self, task: str, ids: list[str] | None) -> dict[str, Any]:
         """As `amqtask dlq replay`: each copy confirmed by the broker before its letter goes."""
         contract = self.contract(task)
-        return {"replayed": await _dead_letters.replay(self.app, contract, ids=ids)}
+        async with self._scan_lock(contract):
+            return {"replayed": await _dead_letters.replay(self.app, contract, ids=ids)}
 
     async def purge(self, task: str, ids: list[str] | None) -> dict[str, Any]:
         contract = self.contract(task)
-        if ids is None:
-            return {"purged": await _dead_letters.purge(self.app, contract)}
-        return {"purged": await _dead_letters.delete_dead_letters(self.app, contract, ids)}
+        async with self._scan_lock(contract):
+            if ids is None:
+                return {"purged": await _dead_letters.purge(self.app, contract)}
+            return {"purged": await _dead_letters.delete_dead_letters(self.app, contract, ids)}
 
     # --- schedules ----------------------------------------------------------------------------
 

@@ -227,6 +227,26 @@ async def test_dead_letters_page_at_an_offset_and_show_one_in_full_removing_noth
     await dead_depth_is(amqp, job, 7)
 
 
+async def test_pages_asked_for_at_once_each_see_every_letter(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    ids = await put_dead_letters(amqp, job, 5)
+    async with dashboard(app) as client:
+
+        async def read(path: str) -> Any:
+            return await ok(await client.get(f"/api/dead-letters/{job.name}{path}"))
+
+        pages = await asyncio.gather(*(read("?offset=0&limit=5") for _ in range(3)))
+        details = await asyncio.gather(*(read("/dl-4") for _ in range(2)), read(""))
+    # Each read saw every letter: none was held by another read meanwhile.
+    assert all([letter["message_id"] for letter in page["letters"]] == ids for page in pages)
+    assert [detail["letter"]["message_id"] for detail in details[:2]] == ["dl-4", "dl-4"]
+    assert details[2]["count"] == 5
+
+
 async def test_a_large_body_is_previewed_within_its_bound(
     make_app: AppFactory, amqp: AbstractConnection, unique: str
 ) -> None:
