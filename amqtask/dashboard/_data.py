@@ -47,6 +47,7 @@ CLUSTER_EVERY = 5  # samples between two reads of the cluster's nodes and leader
 MANAGEMENT_RETRY = 15  # samples after which a management API that failed is asked again
 MAX_PAGE = 200  # dead letters per page at most
 INSPECT_TIMEOUT = 1.0  # seconds the workers have to answer `inspect`
+SCHEDULES_TIMEOUT = 1.0  # seconds the active scheduler has to answer
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -104,6 +105,8 @@ class DashboardData:
         # One reader of a dead-letter queue at a time: letters one scan holds unacked are
         # invisible to another, whose page would skip them.
         self._scans: dict[str, asyncio.Lock] = {}
+        self._schedules_lock = asyncio.Lock()
+        self._schedules_cache: tuple[float, dict[str, Any]] | None = None
 
     # --- the background sampler ---------------------------------------------------------------
 
@@ -328,13 +331,23 @@ class DashboardData:
                 "last_active": None,
                 "schedules": [],
             }
-        listing = await _schedule_admin.read_state(self.app)
-        return _schedule_admin.report(self.app, listing, round(wallclock.now() * 1000))
+        # Every open page polls: one read at a time, its answer kept for a sampling interval
+        # (a read with no scheduler running takes the scheduler queue over for a moment).
+        async with self._schedules_lock:
+            loop = asyncio.get_running_loop()
+            cached = self._schedules_cache
+            if cached is not None and loop.time() - cached[0] < self.interval:
+                return cached[1]
+            listing = await _schedule_admin.read_state(self.app, timeout=SCHEDULES_TIMEOUT)
+            data = _schedule_admin.report(self.app, listing, round(wallclock.now() * 1000))
+            self._schedules_cache = (loop.time(), data)
+            return data
 
     async def set_paused(self, name: str, paused: bool) -> dict[str, Any]:
         if name not in {item.name for item in self.app.schedules}:
             raise NotFound(f"no schedule {name!r} in this app")
         await _schedule_admin.set_paused(self.app, name, paused)
+        self._schedules_cache = None
         return {"name": name, "paused": paused}
 
     # --- workers ------------------------------------------------------------------------------
