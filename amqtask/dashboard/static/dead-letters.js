@@ -20,6 +20,7 @@ import {
 } from "./ui.js";
 
 const PAGE = 50; // dead letters per page
+const RELOAD_MS = 30000; // a page shown is read again at least this often
 
 export function deadLetterQueuesView(main) {
   const table = dataTable(
@@ -152,6 +153,7 @@ export function deadLettersView(main, task) {
       label: "Replay",
       run: () => post(`${base}/replay`, ids === null ? { all: true } : { ids }),
       done: (r) => {
+        stale = true;
         ids?.forEach((id) => selected.delete(id));
         if (ids === null) selected.clear();
         return `Replayed ${plural(r.replayed, "message")}.`;
@@ -166,6 +168,7 @@ export function deadLettersView(main, task) {
       label: "Purge",
       run: () => post(`${base}/purge`, ids === null ? { all: true } : { ids }),
       done: (r) => {
+        stale = true;
         ids?.forEach((id) => selected.delete(id));
         if (ids === null) selected.clear();
         return `Purged ${plural(r.purged, "message")}.`;
@@ -198,11 +201,29 @@ export function deadLettersView(main, task) {
 
   async function go(next) {
     offset = Math.max(0, next);
+    stale = true;
     await refresh();
   }
 
+  // Reading a page takes the letters off the queue and puts them back (AMQP has no peek): each
+  // read counts as a delivery. So the poll asks for the queue's count (from the status sample,
+  // no broker round trip) and reads the page again only when it changed, after an action or a
+  // page change, and at least every RELOAD_MS.
+  let stale = true;
+  let lastCount;
+  let loadedAt = 0;
+
   async function refresh() {
+    if (!stale) {
+      const queues = (await api("dead-letters")).queues ?? [];
+      const now = queues.find((q) => q.task === task)?.count;
+      stale = now !== lastCount || Date.now() - loadedAt > RELOAD_MS;
+    }
+    if (!stale) return;
     page = await api(`${base}?offset=${offset}&limit=${PAGE}`);
+    stale = false;
+    lastCount = page.count;
+    loadedAt = Date.now();
     const letters = page.letters ?? [];
     table.update(letters);
     const ids = new Set(letters.map((d) => d.message_id));
