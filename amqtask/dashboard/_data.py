@@ -106,6 +106,8 @@ class DashboardData:
         # invisible to another, whose page would skip them.
         self._scans: dict[str, asyncio.Lock] = {}
         self._schedules_lock = asyncio.Lock()
+        self._workers_lock = asyncio.Lock()
+        self._workers_cache: tuple[float, dict[str, Any]] | None = None
         self._schedules_cache: tuple[float, dict[str, Any]] | None = None
 
     # --- the background sampler ---------------------------------------------------------------
@@ -357,6 +359,15 @@ class DashboardData:
         connection name with what the running workers answer to `inspect` (in flight,
         concurrency, pool). Workers that answer but the API does not list (no API) are listed
         from their answer alone."""
+        async with self._workers_lock:  # one inspect at a time, kept for an interval
+            loop = asyncio.get_running_loop()
+            cached = self._workers_cache
+            if cached is None or loop.time() - cached[0] >= self.interval:
+                cached = (loop.time(), await self._read_workers())
+                self._workers_cache = cached
+            return cached[1]
+
+    async def _read_workers(self) -> dict[str, Any]:
         listed, inspected = await asyncio.gather(self._listed_workers(), self._inspected_workers())
         report, error = listed
         answers = {answer["name"]: answer for answer in inspected}
