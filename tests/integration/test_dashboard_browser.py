@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -42,11 +42,14 @@ class Job(BaseModel):
 
 
 @pytest.fixture(scope="session")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def artifacts(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Path:
+    """Where the screenshots go, said on the terminal (also when every test passes)."""
     where = os.environ.get("AMQTASK_TEST_ARTIFACTS")
     path = Path(where) if where else tmp_path_factory.mktemp("dashboard-screenshots")
     path.mkdir(parents=True, exist_ok=True)
-    print(f"dashboard screenshots: {path}")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else nullcontext():
+        print(f"\ndashboard screenshots: {path}")
     return path
 
 
