@@ -10,6 +10,8 @@
 * **Write actions** are POST only, with `Content-Type: application/json` and the header
   `X-Amqtask-Action: 1`, which a cross-site form cannot send (403/415 otherwise); under
   `read_only` every one answers 403 `{"error": "read-only"}`.
+* **Framing** by another site is refused (`X-Frame-Options`, CSP `frame-ancestors`), so no page
+  can overlay the dashboard's confirmations.
 * **Errors** are JSON `{"error": ...}`: 404 for what the app does not have, 503 while the broker
   (or the store, or the management API) cannot be asked; the server keeps serving.
 """
@@ -291,7 +293,22 @@ async def not_found(request: web.Request) -> web.Response:
     return error(404, f"no endpoint {request.path}")
 
 
+# On every answer, pages and API: no framing by another site (a framed page could be clicked
+# through its confirmations), no type sniffing, no Referer with the dashboard's URL.
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+async def _security_headers(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(SECURITY_HEADERS)
+
+
 def routes(application: web.Application) -> None:
+    application.on_response_prepare.append(_security_headers)
     router = application.router
     router.add_get("/", index)
     router.add_static("/static/", static_dir(), follow_symlinks=False)

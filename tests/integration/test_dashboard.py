@@ -117,6 +117,10 @@ async def test_the_page_and_its_static_files_are_served(make_app: AppFactory, un
         assert "<html" in (await page.text()).lower()
         script = await client.get("/static/vendor/uPlot.iife.min.js")
         assert script.status == 200
+        for response in (page, script, await client.get("/api/config")):
+            assert response.headers["X-Frame-Options"] == "DENY"
+            assert response.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
         assert (await client.get("/static/../__init__.py")).status == 404
         missing = await client.get("/api/nothing")
         assert missing.status == 404
