@@ -114,12 +114,12 @@ export function overviewView(main) {
       h("dt", {}, "Leaders"),
       h(
         "dd",
-        {},
+        { class: cluster.balanced === false ? "warn-text" : null, testid: "balanced" },
         cluster.balanced === null || cluster.balanced === undefined
           ? "–"
           : cluster.balanced
             ? "balanced"
-            : "unbalanced",
+            : "unbalanced: some nodes lead far more queues than others",
       ),
     );
     const parts = [facts];
