@@ -385,6 +385,16 @@ async def calls(bench: Bench) -> None:
         PEER,
         target=(">=", 1.5),
     )
+    # The client side's CPU per call (caller and responder together): on a machine shared with
+    # other jobs calls/s swings with their load, what a call costs much less.
+    client = {side: [caller + responder for caller, responder, _ in cpu[side]] for side in sides}
+    row(
+        f"client CPU, {in_flight} in flight, transient vs the peer",
+        "us/call",
+        client,
+        "transient",
+        PEER,
+    )
     row(
         "call latency p50, transient vs durable",
         "ms",
