@@ -228,7 +228,10 @@ async def consumers(env: Env, commands: list[list[str]]) -> AsyncIterator[Runnin
                     process.kill()
                     code = await process.wait()
                 if code != 0:
-                    print(f"warning: consumer exited {code}: {log.read_text()[-2000:]}")
+                    print(
+                        f"warning: consumer exited {code}: {log.read_text()[-2000:]}",
+                        file=sys.stderr,
+                    )
             running.timelines = _timeline.load(stats)
 
 
