@@ -692,3 +692,28 @@ async def test_with_the_management_api_the_overview_has_unacked_the_cluster_and_
     assert worker["queues"] == sorted([job.queue, f"{job.queue}.due"])
     assert (worker["concurrency"], worker["in_flight"]) == (2, 2)  # the answer to inspect
     assert all(":guest@" not in text for text in texts)
+
+
+async def test_after_the_broker_comes_back_the_overview_answers_again(unique: str) -> None:
+    node = PrivateNode()
+    with node:
+        job = amqtask.contract(f"{unique}.job", Job)
+        app = amqtask.App(node.url, [job], namespace=unique, connect_timeout=2.0)
+        await app.declare()
+        await app.close()
+        async with dashboard(app) as client:
+            await ok(await client.get("/api/overview"))
+            await asyncio.to_thread(node.kill)
+
+            async def down() -> bool:
+                return (await client.get("/api/overview")).status == 503
+
+            await wait_for(down, timeout=30, interval=0.2)
+            assert (await client.get("/api/config")).status == 200  # still serving
+            await asyncio.to_thread(node.start)
+
+            async def up() -> bool:
+                response = await client.get("/api/overview")
+                return response.status == 200 and (await response.json())["error"] is None
+
+            await wait_for(up, timeout=60, interval=0.5)
