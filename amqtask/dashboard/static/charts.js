@@ -15,6 +15,19 @@ const PALETTE = [
   "#c25b2a",
 ];
 
+/** The `limit` tasks with the most traffic in the window (all of them when there are few), by name. */
+export function busiest(rates, limit) {
+  const names = Object.keys(rates.tasks ?? {});
+  if (names.length <= limit) return names.sort();
+  const total = (name) =>
+    [...(rates.tasks[name].in ?? []), ...(rates.tasks[name].out ?? [])].reduce((sum, v) => sum + (v ?? 0), 0);
+  const traffic = new Map(names.map((name) => [name, total(name)]));
+  return names
+    .sort((a, b) => traffic.get(b) - traffic.get(a) || a.localeCompare(b))
+    .slice(0, limit)
+    .sort();
+}
+
 function cssVar(name) {
   return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 }
@@ -34,8 +47,8 @@ export class RateChart {
     return { width: Math.max(200, this.container.clientWidth), height: 190 };
   }
 
-  update(rates, direction) {
-    const names = Object.keys(rates.tasks ?? {}).sort();
+  /** Draw `direction` ("in" or "out") of the tasks `names` (one line each, same colours in both). */
+  update(rates, direction, names) {
     const data = [rates.t ?? [], ...names.map((name) => rates.tasks[name][direction] ?? [])];
     if (this.plot && this.tasks === names.join("\n")) {
       this.plot.setData(data);

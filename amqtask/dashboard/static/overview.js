@@ -1,7 +1,10 @@
 // Overview: per task counts, live rate charts, the broker and cluster panel.
 
 import { app, h, count, rate, latest, link, hashFor, panel, empty, api, dataTable } from "./ui.js";
-import { RateChart } from "./charts.js";
+import { RateChart, busiest } from "./charts.js";
+
+const MAX_LINES = 8; // tasks drawn in the charts: the busiest, with hundreds of tasks
+const RESELECT = 15; // polls between two choices of the busiest (lines do not come and go each poll)
 
 export function overviewView(main) {
   const cards = h("div", { class: "cards", testid: "summary" });
@@ -12,6 +15,8 @@ export function overviewView(main) {
   const chartNote = h("p", { class: "note" });
   chartBox.append(inBox, outBox);
   const charts = [new RateChart(inBox, "In (msg/s)"), new RateChart(outBox, "Out (msg/s)")];
+  let drawn = null;
+  let polls = 0;
   const nodes = h("div", { class: "cluster", testid: "cluster" });
   const notes = h("div", { class: "notes" });
 
@@ -70,7 +75,7 @@ export function overviewView(main) {
   main.append(
     cards,
     warnings,
-    panel("Rates, last minutes", chartBox, chartNote),
+    panel("Rates, last 10 minutes", chartBox, chartNote),
     panel("Tasks", table.el, notes),
     panel("Broker and cluster", nodes),
   );
@@ -182,12 +187,19 @@ export function overviewView(main) {
     notes.replaceChildren(...(data.notes ?? []).map((line) => h("p", { class: "note" }, line)));
     renderCluster(data);
     if (rates) {
-      charts[0].update(rates, "in");
-      charts[1].update(rates, "out");
+      const all = Object.keys(rates.tasks ?? {}).length;
+      if (drawn === null || polls % RESELECT === 0 || drawn.some((name) => !rates.tasks?.[name])) {
+        drawn = busiest(rates, MAX_LINES);
+      }
+      polls += 1;
+      charts[0].update(rates, "in", drawn);
+      charts[1].update(rates, "out", drawn);
       const known = Object.values(rates.tasks ?? {}).some((r) => r.in?.some((v) => v !== null));
-      chartNote.textContent = known
-        ? ""
-        : "In and out rates come from the management API (--management-url); none yet.";
+      chartNote.textContent = !known
+        ? "In and out rates come from the management API (--management-url); none yet."
+        : all > drawn.length
+          ? `The ${drawn.length} busiest of ${all} tasks in the last 10 minutes.`
+          : "";
     }
   }
 
