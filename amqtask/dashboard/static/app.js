@@ -56,12 +56,15 @@ async function show() {
   const generation = ++app.generation;
   const view = make(main);
   app.view = view;
-  // One request at a time per view: the next poll starts 2 s after the last answer.
+  // One request at a time per view: the next poll starts 2 s after the last answer. A view that
+  // does not poll (one letter, the contracts) is asked again until it loaded once.
+  let loaded = false;
   do {
     if (!document.hidden) {
       try {
         await view.refresh();
         if (generation !== app.generation) return;
+        loaded = true;
         setLive(null);
       } catch (error) {
         if (generation !== app.generation) return;
@@ -69,7 +72,7 @@ async function show() {
       }
     }
     await sleep(POLL_MS);
-  } while (view.poll && generation === app.generation);
+  } while ((view.poll || !loaded) && generation === app.generation);
 }
 
 async function start() {
