@@ -318,6 +318,26 @@ async def test_the_overview_fits_a_phone_screen(
         assert outside == []
 
 
+async def test_a_broker_out_of_reach_is_said_on_the_page(
+    browser: Browser, unique: str, artifacts: Path
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    # Nothing listens on port 1: the sampler fails, the server keeps serving and says why.
+    app = amqtask.App("amqp://guest:guest@127.0.0.1:1/", [job], namespace=unique, connect_timeout=1)
+    try:
+        async with dashboard(app) as url:
+            page = await open_page(browser, url)
+            banner = page.get_by_test_id("error")
+            await expect(banner).to_contain_text("broker unreachable", timeout=SLOW)
+            await expect(banner).to_contain_text("127.0.0.1:1")
+            await expect(banner).not_to_contain_text("guest:guest")
+            await expect(page.get_by_test_id("live")).to_contain_text("no connection")
+            await page.screenshot(path=artifacts / "broker-unreachable.png", full_page=True)
+            assert PAGE_ERRORS.pop(page) == []
+    finally:
+        await app.close()
+
+
 async def test_read_only_mode_offers_no_replay_or_purge(
     make_app: AppFactory, amqp: AbstractConnection, browser: Browser, unique: str, artifacts: Path
 ) -> None:
