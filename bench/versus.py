@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import aiormq.exceptions
 import orjson
 
+import amqtask
 from bench import _scenarios as s
 from bench import speed
 
@@ -54,13 +55,15 @@ class Peer:
     module: str  # bench.peers.<module>
     queue_suffixes: tuple[str, ...] = ("",)  # queues it declares: f"{queue}{suffix}"
     exchange: bool = False  # an exchange named like its queue
+    queue_type: str = "quorum"  # of its task queue: amqtask is compared on the same kind
 
     def queue(self, namespace: str, purpose: str = "tasks") -> str:
         return f"{namespace}.peer.{self.module.removesuffix('_peer')}.{purpose}"
 
 
 CELERY = Peer("Celery", "celery", "celery_peer", exchange=True)
-DRAMATIQ = Peer("Dramatiq", "dramatiq", "dramatiq_peer", ("", ".DQ", ".XQ"))
+# Dramatiq declares its queues itself, classic ones (its arguments are fixed).
+DRAMATIQ = Peer("Dramatiq", "dramatiq", "dramatiq_peer", ("", ".DQ", ".XQ"), queue_type="classic")
 FASTSTREAM = Peer("FastStream", "faststream", "faststream_peer")
 TASKIQ = Peer("Taskiq", "taskiq", "taskiq_peer", ("", ".dead"), exchange=True)
 PEERS = (CELERY, DRAMATIQ, FASTSTREAM, TASKIQ)
@@ -282,7 +285,7 @@ async def measure(bench: Bench) -> None:
     running = [peer for peer in PEERS if peers.runs(peer)]
     by_name = {peer.name: peer for peer in running}
     sides = Sides(bench, failed={})
-    rows: list[tuple[str, str, dict[str, list[float]], list[str], bool, str]] = []
+    rows: list[tuple[str, str, dict[str, list[float]], str, list[str], bool, str]] = []
 
     def add(
         name: str,
@@ -291,19 +294,39 @@ async def measure(bench: Bench) -> None:
         compared: list[str],
         higher: bool,
         note: str = "",
+        ours: str = "amqtask",
     ) -> None:
-        rows.append((name, unit, runs, compared, higher, note))
+        rows.append((name, unit, runs, ours, compared, higher, note))
+
+    # Tasks go to quorum queues, except Dramatiq's (classic): those rows are split by queue
+    # kind, amqtask on a classic queue (`bench.app:tasks_classic`) against the classic peers.
+    quorum = [peer.name for peer in running if peer.queue_type == "quorum"]
+    classic = [peer.name for peer in running if peer.queue_type == "classic"]
+    ours = ("amqtask", "amqtask classic") if classic else ("amqtask",)
+
+    def add_by_queue(name: str, unit: str, runs: dict[str, list[float]], note: str) -> None:
+        add(f"{name}, quorum queues", unit, runs, quorum, True, note)
+        if classic:
+            add(f"{name}, classic queues", unit, runs, classic, True, ours="amqtask classic")
 
     try:
         # 1. No-op tasks processed by one process.
         usage: dict[str, list[s.Usage]] = {}
 
         async def processed(side: str) -> float:
-            if side == "amqtask":
-                await env.purge(apps.job.queue)
-                await s.preload(env, bench.raw, args.consume)
-                command = s.amqtask_worker("tasks", args.prefetch, 1, args.worker_log_level)
-                rate, used = await s.consume_rate(env, [command], args.consume)
+            if side in ours:
+                app, contract = (
+                    ("tasks", apps.job)
+                    if side == "amqtask"
+                    else (
+                        "tasks_classic",
+                        apps.job_classic,
+                    )
+                )
+                await env.purge(contract.queue)
+                await s.preload(env, bench.raw, args.consume, contract)
+                command = s.amqtask_worker(app, args.prefetch, 1, args.worker_log_level)
+                rate, used = await s.consume_rate(env, [command], args.consume, contract.queue)
             else:
                 rate, used = await drain(bench, by_name[side], args.consume)
             usage.setdefault(side, []).append(used)
@@ -313,7 +336,7 @@ async def measure(bench: Bench) -> None:
         runs = await bench.compare(
             "no-op tasks processed, 1 process",
             sides.guard(processed),
-            ("amqtask", *names),
+            (*ours, *names),
             args.worker_repeat,
         )
         cpu = "; ".join(
@@ -321,12 +344,10 @@ async def measure(bench: Bench) -> None:
             for side, used in usage.items()
             if side not in sides.failed
         )
-        add(
+        add_by_queue(
             "no-op tasks processed, 1 process",
             "tasks/s",
             runs,
-            names,
-            True,
             f"CPU per task (us, the worker process): {cpu}",
         )
 
@@ -334,11 +355,14 @@ async def measure(bench: Bench) -> None:
         in_flight = args.concurrency
 
         async def sent(side: str) -> float:
-            if side == "amqtask":
-                async with bench.client("amqtask") as send:
+            if side in ours:
+                contract = apps.job if side == "amqtask" else apps.job_classic
+                app = amqtask.App(args.url, [contract], namespace=apps.NAMESPACE, name="bench")
+                async with app:
+                    send = lambda n: app.send(contract, s.payload(n))  # noqa: E731
                     await s.sends(200, in_flight, send)  # warm-up
                     rate = await s.sends(args.pipelined, in_flight, send)
-                await env.purge(apps.job.queue)
+                await env.purge(contract.queue)
                 return rate
             peer = by_name[side]
             queue = peer.queue(env.namespace)
@@ -350,14 +374,12 @@ async def measure(bench: Bench) -> None:
             return result["rate"]
 
         runs = await bench.compare(
-            f"confirmed sends, {in_flight} in flight", sides.guard(sent), ("amqtask", *names)
+            f"confirmed sends, {in_flight} in flight", sides.guard(sent), (*ours, *names)
         )
-        add(
+        add_by_queue(
             f"confirmed sends, {in_flight} in flight",
             "msgs/s",
             runs,
-            names,
-            True,
             "Celery and Dramatiq send from blocking calls: one thread per send in flight",
         )
 
@@ -366,9 +388,9 @@ async def measure(bench: Bench) -> None:
     finally:
         await delete_entities(bench)
 
-    for name, unit, runs, compared, higher, note in rows:
+    for name, unit, runs, side, compared, higher, note in rows:
         best = _best(runs, compared, higher)
-        if best is None or any(math.isnan(v) for v in runs["amqtask"]):
+        if best is None or any(math.isnan(v) for v in runs[side]):
             bench.not_run.append(f"{name}: no peer measured")
             continue
         throughput = unit != "ms"
@@ -379,7 +401,7 @@ async def measure(bench: Bench) -> None:
             Row(
                 f"{name} vs the best peer",
                 unit,
-                runs["amqtask"],
+                runs[side],
                 runs[best],
                 baseline_label=best,
                 target=target,
