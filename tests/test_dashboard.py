@@ -12,7 +12,7 @@ import pytest
 
 from amqtask import _wallclock
 from amqtask.dashboard._data import parse_since, timeline
-from amqtask.dashboard._server import Settings
+from amqtask.dashboard._server import Settings, is_loopback
 
 
 def basic(credentials: str) -> str:
@@ -101,3 +101,10 @@ def test_without_aiohttp_the_command_says_what_to_install() -> None:
     assert result.stderr.strip().splitlines() == [
         "error: the dashboard needs aiohttp: pip install 'amqtask[dashboard]'"
     ]
+
+
+def test_only_loopback_addresses_and_localhost_count_as_loopback() -> None:
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "LOCALHOST"):
+        assert is_loopback(host), host
+    for host in ("127.evil.example", "127.0.0.1.nip.io", "localhost.evil.example", "10.0.0.1"):
+        assert not is_loopback(host), host

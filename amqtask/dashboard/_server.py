@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
@@ -96,8 +97,14 @@ def _split_host(header: str) -> tuple[str, int | None]:
 
 
 def is_loopback(host: str) -> bool:
+    """A loopback address (127.0.0.0/8, ::1), or the name `localhost`; no other name is."""
     host = host.strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def error(status: int, message: str, **headers: str) -> web.Response:
