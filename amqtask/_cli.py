@@ -1225,7 +1225,13 @@ def rebalance(app_path: str, management_url: str | None, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("app_path", metavar="APP")
-@click.option("--port", default=8077, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--port",
+    default=8077,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on; 0 takes a free one (the URL printed says which).",
+)
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -1291,7 +1297,9 @@ def dashboard(
             _status.Management.from_urls(management_url, app.url)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--management-url") from None
-    click.echo(f"amqtask dashboard on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
+
+    def listening(url: str) -> None:  # once bound: the port taken when --port 0
+        click.echo(f"amqtask dashboard on {url} (Ctrl-C to stop)", err=True)
 
     async def work() -> None:
         try:
@@ -1303,7 +1311,10 @@ def dashboard(
                 read_only=read_only,
                 auth=auth,
                 app_path=app_path,
+                on_listening=listening,
             )
+        except _dashboard.ListenError as exc:  # a usage error: not the broker's
+            raise click.UsageError(str(exc)) from None
         finally:
             await app.close()
 

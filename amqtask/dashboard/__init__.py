@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 
 from aiohttp import web
@@ -19,10 +19,15 @@ from amqtask._status import Management
 from amqtask.dashboard._data import INTERVAL, DashboardData
 from amqtask.dashboard._server import DATA, SETTINGS, Settings, is_loopback, routes, safety
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "create_dashboard", "serve"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ListenError", "create_dashboard", "serve"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8077
+
+
+class ListenError(Exception):
+    """The server cannot listen on the host and port asked (taken, not an address of this
+    machine, not allowed)."""
 
 
 def create_dashboard(
@@ -77,8 +82,13 @@ async def serve(
     auth: str | None = None,
     app_path: str | None = None,
     ready: asyncio.Event | None = None,
+    on_listening: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve the dashboard of `app` on `host:port` until cancelled, SIGINT or SIGTERM."""
+    """Serve the dashboard of `app` on `host:port` until cancelled, SIGINT or SIGTERM.
+
+    `on_listening` is called with the dashboard's URL once the port is bound (`port=0` takes a
+    free one, which the URL and the Host guard then use). Raises `ListenError` if the server
+    cannot listen there."""
     application = create_dashboard(
         app,
         management_url=management_url,
@@ -97,7 +107,16 @@ async def serve(
             loop.add_signal_handler(signum, stop.set)
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ListenError(f"cannot listen on {host}:{port}: {reason}") from None
+        bound = _bound_port(runner, port)
+        application[SETTINGS].port = bound  # port 0: the Host guard checks the one taken
+        if on_listening is not None:
+            name = f"[{host}]" if ":" in host else host
+            on_listening(f"http://{name}:{bound}/")
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -106,3 +125,10 @@ async def serve(
             with suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signum)
         await runner.cleanup()
+
+
+def _bound_port(runner: web.AppRunner, asked: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2 and isinstance(address[1], int):
+            return address[1]
+    return asked

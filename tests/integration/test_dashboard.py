@@ -622,6 +622,69 @@ async def test_the_command_serves_the_dashboard_until_sigterm(
     assert code == 0
 
 
+def test_a_port_in_use_is_a_usage_error_that_names_it_not_the_broker(
+    tmp_path: Path, broker_url: str, unique: str
+) -> None:
+    target = write_app_module(
+        tmp_path, broker_url, unique, job=f'amqtask.contract("{unique}.job", Job)'
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "amqtask", "dashboard", target, "--port", str(port)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+            check=False,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "broker" not in result.stderr
+    assert "dashboard on http" not in result.stderr  # no URL of a server that is not there
+
+
+async def test_with_port_0_the_command_says_the_port_taken_and_answers_on_it(
+    tmp_path: Path, broker_url: str, unique: str
+) -> None:
+    target = write_app_module(
+        tmp_path, broker_url, unique, job=f'amqtask.contract("{unique}.job", Job)'
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "amqtask",
+        "dashboard",
+        target,
+        "--port",
+        "0",
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+        assert line.startswith("amqtask dashboard on http://127.0.0.1:"), line
+        url = line.split()[3]
+        assert not url.endswith(":0/")
+
+        def config() -> tuple[int, bytes]:
+            with urllib.request.urlopen(f"{url}api/config", timeout=5) as response:
+                return response.status, response.read()
+
+        status, body = await asyncio.to_thread(config)
+        assert status == 200
+        assert f'"app":"{target}"'.encode() in body
+    finally:
+        process.terminate()
+        code = await asyncio.wait_for(process.wait(), 20)
+    assert code == 0
+
+
 # --- with the management API, on a private node -----------------------------------------------
 
 
