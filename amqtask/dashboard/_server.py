@@ -12,8 +12,9 @@
   `read_only` every one answers 403 `{"error": "read-only"}`.
 * **Framing** by another site is refused (`X-Frame-Options`, CSP `frame-ancestors`), so no page
   can overlay the dashboard's confirmations.
-* **Errors** are JSON `{"error": ...}`: 404 for what the app does not have, 503 while the broker
-  (or the store, or the management API) cannot be asked; the server keeps serving.
+* **Errors** are JSON `{"error": ...}`: 400 for bad input, 404 for what the app does not have,
+  503 while the broker (or the store, or the management API) cannot be asked or closed a
+  channel, 500 (logged) for anything else; the server keeps serving.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import aiormq.exceptions
 import orjson
+import structlog
 from aiohttp import web
 
 from amqtask._exceptions import AmqtaskError, ConnectError, StoreError, TopologyMissing
 from amqtask.dashboard._data import DashboardData, NotFound, parse_since
+
+log = structlog.get_logger("amqtask.dashboard")
 
 DATA: web.AppKey[DashboardData] = web.AppKey("amqtask_dashboard_data", DashboardData)
 
@@ -152,6 +157,12 @@ async def safety(request: web.Request, handler: _Handler) -> web.StreamResponse:
         return error(503, f"task store: {_one_line(exc)}")
     except AmqtaskError as exc:
         return error(502, _one_line(exc))
+    except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+        # A channel the broker closed (refused, not found, a timeout) or closed under a scan.
+        return error(503, f"broker: {_one_line(exc)}")
+    except Exception:
+        log.exception("dashboard_request_failed", method=request.method, path=request.path)
+        return error(500, "internal error: see the dashboard's log")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -268,6 +279,8 @@ async def tasks(request: web.Request) -> web.Response:
             since = parse_since(query["since"])
         except ValueError as exc:
             raise web.HTTPBadRequest(reason=f"since: {exc}") from None
+        except OverflowError:  # a duration reaching back before the year 1
+            raise web.HTTPBadRequest(reason="since: too far back") from None
     return json(
         await request.app[DATA].tasks(
             task_id=query.get("id") or None,

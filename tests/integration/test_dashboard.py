@@ -374,6 +374,37 @@ async def test_write_actions_need_the_action_header_and_json_and_read_only_refus
     await dead_depth_is(amqp, job, 1)
 
 
+async def test_errors_are_json_bad_input_400_a_closed_channel_503_anything_else_500(
+    make_app: AppFactory, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiormq.exceptions import ChannelAccessRefused, ChannelInvalidStateError
+
+    from amqtask.dashboard._data import DashboardData
+
+    app = make_app([amqtask.contract(f"{unique}.job", Job)])
+    raised: list[Exception] = []
+
+    async def workers(_self: Any) -> Any:
+        raise raised[-1]
+
+    monkeypatch.setattr(DashboardData, "workers", workers)
+    async with dashboard(app) as client:
+        far_back = await client.get("/api/tasks?since=99999999999w")
+        assert far_back.status == 400
+        assert (await far_back.json())["error"].startswith("since:")
+        for exc, status in (
+            (ChannelAccessRefused("ACCESS_REFUSED - no access to queue"), 503),
+            (ChannelInvalidStateError("No active transport in channel"), 503),
+            (KeyError("bug"), 500),
+        ):
+            raised.append(exc)
+            answer = await client.get("/api/workers")
+            assert answer.status == status, await answer.text()
+            assert answer.content_type == "application/json"
+            assert "error" in await answer.json()
+        assert (await client.get("/api/config")).status == 200  # still serving
+
+
 async def test_with_auth_every_request_needs_the_password(
     make_app: AppFactory, unique: str
 ) -> None:
