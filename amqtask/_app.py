@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 from pydantic import BaseModel
@@ -16,6 +15,7 @@ from amqtask._contract import Contract, In, Isolation, LeaderLocator, Out, Overf
 from amqtask._exceptions import ContractError, PublishNacked, QueueFull, ScheduleError, StoreError
 from amqtask._execution import is_async
 from amqtask._failover import Failover
+from amqtask._resource import AsyncResource
 from amqtask._schedule import Schedule
 from amqtask._transport import DEFAULT_CONNECT_TIMEOUT, AioPikaTransport, Transport
 from amqtask._urls import split_urls
@@ -56,7 +56,7 @@ def _seconds_until(delay: timedelta | float | None, eta: datetime | None) -> flo
     return delay
 
 
-class App:
+class App(AsyncResource):
     """Contracts, their handlers, and one broker connection.
 
     Producers and workers build the same app from the same contracts; only workers register
@@ -276,14 +276,6 @@ class App:
     async def __aenter__(self) -> Self:
         await self.connect()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # --- producing --------------------------------------------------------------------------
 

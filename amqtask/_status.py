@@ -32,8 +32,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aiormq.exceptions
@@ -42,6 +41,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from amqtask._app import App
 from amqtask._contract import Contract
+from amqtask._resource import AsyncResource
 from amqtask._transport import open_connection
 from amqtask._urls import safe_url, vhost_of
 from amqtask.routing import DELAY_LEVELS, Names, dead_letter_queue_name, due_queue_name
@@ -382,7 +382,7 @@ async def _passive(connection: AbstractConnection, names: Sequence[str]) -> dict
     return found
 
 
-class Sampler:
+class Sampler(AsyncResource):
     """Reads the queues status shows over one AMQP connection (opened on first need, kept for
     `--watch`), and from the management API too when given and reachable."""
 
@@ -419,17 +419,6 @@ class Sampler:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 # --- the report (pure) ------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable, Coroutine, Generator
-from types import TracebackType
 from typing import Any
 
 import aiormq.abc
@@ -25,6 +24,7 @@ from pamqp.header import ContentHeader
 
 from amqtask._codec import Outgoing
 from amqtask._exceptions import TopologyMissing
+from amqtask._resource import AsyncResource
 from amqtask.testing._broker import MemoryBroker, _Consumer
 from amqtask.testing._messages import DIRECT_REPLY_TO, MemoryDelivery, StoredMessage
 
@@ -82,7 +82,7 @@ def _outgoing(body: bytes, properties: spec.Basic.Properties | None) -> Outgoing
     )
 
 
-class AmqpChannel:
+class AmqpChannel(AsyncResource):
     """One channel: aio-pika's channel (`await connection.channel()`, `async with`) and its
     aiormq channel (`get_underlay_channel()`) in one object."""
 
@@ -103,17 +103,6 @@ class AmqpChannel:
         if False:  # pragma: no cover - makes this a generator: opening takes no round trip
             yield
         return self
-
-    async def __aenter__(self) -> AmqpChannel:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def get_underlay_channel(self) -> AmqpChannel:
         return self
