@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 from collections import deque
-from collections.abc import Mapping
-from contextlib import suppress
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,6 +46,7 @@ HISTORY = 600.0  # seconds of rates kept for the charts
 CLUSTER_EVERY = 5  # samples between two reads of the cluster's nodes and leaders
 MANAGEMENT_RETRY = 15  # samples after which a management API that failed is asked again
 MAX_PAGE = 200  # dead letters per page at most
+MAX_SCAN_WAITERS = 1  # reads of one dead-letter queue that may wait while another runs
 INSPECT_TIMEOUT = 1.0  # seconds the workers have to answer `inspect`
 SCHEDULES_TIMEOUT = 1.0  # seconds the active scheduler has to answer
 
@@ -56,6 +57,10 @@ def _iso(epoch: float | None) -> str | None:
 
 class NotFound(Exception):
     """A task, schedule or letter the app does not have: answered with 404."""
+
+
+class Busy(Exception):
+    """A dead-letter queue is being read and another read already waits: answered with 429."""
 
 
 class Unavailable(Exception):
@@ -105,6 +110,7 @@ class DashboardData:
         # One reader of a dead-letter queue at a time: letters one scan holds unacked are
         # invisible to another, whose page would skip them.
         self._scans: dict[str, asyncio.Lock] = {}
+        self._scan_waiters: dict[str, int] = {}  # by queue: requests waiting for its lock
         self._schedules_lock = asyncio.Lock()
         self._workers_lock = asyncio.Lock()
         self._workers_cache: tuple[float, dict[str, Any]] | None = None
@@ -268,8 +274,23 @@ class DashboardData:
             raise NotFound(f"no task {task!r} in this app")
         return matches[-1]
 
-    def _scan_lock(self, contract: Contract[Any, Any]) -> asyncio.Lock:
-        return self._scans.setdefault(contract.queue, asyncio.Lock())
+    @asynccontextmanager
+    async def _scan_lock(self, contract: Contract[Any, Any]) -> AsyncIterator[None]:
+        """Hold the queue's scan lock. With a scan running and another already waiting, raises
+        `Busy` rather than queueing a third: each waits for a whole scan of the queue."""
+        queue = contract.queue
+        lock = self._scans.setdefault(queue, asyncio.Lock())
+        if lock.locked() and self._scan_waiters.get(queue, 0) >= MAX_SCAN_WAITERS:
+            raise Busy(f"the dead letters of {contract.name!r} are being read: try again")
+        self._scan_waiters[queue] = self._scan_waiters.get(queue, 0) + 1
+        try:
+            await lock.acquire()
+        finally:
+            self._scan_waiters[queue] -= 1
+        try:
+            yield
+        finally:
+            lock.release()
 
     def dead_letter_queues(self) -> dict[str, Any]:
         rows = {row["task"]: row for row in (self._overview or {}).get("tasks", [])}

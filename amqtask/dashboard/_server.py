@@ -10,6 +10,9 @@
 * **Write actions** are POST only, with `Content-Type: application/json` and the header
   `X-Amqtask-Action: 1`, which a cross-site form cannot send (403/415 otherwise); under
   `read_only` every one answers 403 `{"error": "read-only"}`.
+* **Cross-site requests** to `/api/` are refused (403): a `Sec-Fetch-Site` other than
+  `same-origin`/`none`, or an `Origin` other than the dashboard's own. An image or no-cors fetch
+  on another site's page would otherwise read dead letters with the browser's cached password.
 * **Framing** by another site is refused (`X-Frame-Options`, CSP `frame-ancestors`), so no page
   can overlay the dashboard's confirmations.
 * **Errors** are JSON `{"error": ...}`: 400 for bad input, 404 for what the app does not have,
@@ -34,7 +37,7 @@ import structlog
 from aiohttp import web
 
 from amqtask._exceptions import AmqtaskError, ConnectError, StoreError, TopologyMissing
-from amqtask.dashboard._data import DashboardData, NotFound, parse_since
+from amqtask.dashboard._data import Busy, DashboardData, NotFound, parse_since
 
 log = structlog.get_logger("amqtask.dashboard")
 
@@ -134,6 +137,8 @@ async def safety(request: web.Request, handler: _Handler) -> web.StreamResponse:
         return error(
             401, "authentication required", **{"WWW-Authenticate": 'Basic realm="amqtask"'}
         )
+    if request.path.startswith("/api/") and not _same_origin(request):
+        return error(403, "cross-site requests to the API are refused")
     if request.method == "POST":
         if settings.read_only:
             return error(403, "read-only")
@@ -149,6 +154,8 @@ async def safety(request: web.Request, handler: _Handler) -> web.StreamResponse:
         return error(exc.status, exc.reason)
     except NotFound as exc:
         return error(404, str(exc))
+    except Busy as exc:
+        return error(429, str(exc), **{"Retry-After": "1"})
     except TopologyMissing as exc:
         return error(404, str(exc))
     except (ConnectError, ConnectionError, OSError, TimeoutError) as exc:
@@ -163,6 +170,21 @@ async def safety(request: web.Request, handler: _Handler) -> web.StreamResponse:
     except Exception:
         log.exception("dashboard_request_failed", method=request.method, path=request.path)
         return error(500, "internal error: see the dashboard's log")
+
+
+def _same_origin(request: web.Request) -> bool:
+    """Whether a request may come from the dashboard's own page: a browser says where a request
+    comes from in `Sec-Fetch-Site` and, for most, `Origin`. Another site's page can make the
+    browser send a GET (an image, a no-cors fetch) with the cached basic-auth credentials; its
+    answer is unreadable there, but a read of dead letters costs a scan of their queue."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True  # not a browser, or an older one: the Host guard and auth still apply
+    scheme, sep, rest = origin.partition("://")
+    return bool(sep) and scheme in ("http", "https") and rest.lower() == request.host.lower()
 
 
 def _one_line(exc: BaseException) -> str:
