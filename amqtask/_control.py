@@ -35,10 +35,11 @@ import structlog
 from pamqp.commands import Basic
 
 from amqtask import _operator
-from amqtask._transport import DIRECT_REPLY_TO, AioPikaTransport, open_connection
+from amqtask._transport import DIRECT_REPLY_TO, AioPikaTransport, open_own_connection
 
 if TYPE_CHECKING:
     from aio_pika.abc import (
+        AbstractConnection,
         AbstractIncomingMessage,
         AbstractRobustChannel,
         AbstractRobustConnection,
@@ -175,24 +176,55 @@ class ControlListener:
     """A worker's queue on the control exchange, answering `inspect` with `describe()`.
 
     On the worker's robust connection: after a reconnect the queue is declared, bound and
-    consumed again. Missing exchange (the app was declared by an older version): one warning,
-    and the worker runs on without answering.
+    consumed again. A transport that opens connections of its own (the in-memory broker of
+    `amqtask.testing`) gets one for the listener (`open_own_connection`). Missing exchange (the
+    app was declared by an older version): one warning, and the worker runs on without
+    answering.
     """
 
     def __init__(self, exchange: str, describe: Callable[[], dict[str, Any]]) -> None:
         self.exchange = exchange
         self._describe = describe
         self._channel: AbstractRobustChannel | None = None
+        self._own: AbstractConnection | None = None  # the in-memory broker's connection
 
     async def start(self, transport: object) -> None:
         """Start answering. Never raises for the control exchange: a worker that cannot be
         inspected still works (logged)."""
-        if not isinstance(transport, AioPikaTransport):
-            return  # no broker (`amqtask.testing`): nobody to answer
         try:
-            await self._listen(transport.connection)
+            if isinstance(transport, AioPikaTransport):
+                await self._listen(transport.connection)
+            elif hasattr(transport, "open_connection"):
+                # The URLs go unused: the transport opens the connection itself.
+                own = await open_own_connection(transport, (), name="amqtask-control", timeout=1)
+                self._own = own
+                await self._listen_own(own)
         except Exception as exc:
             log.warning("control_unavailable", exchange=self.exchange, error=repr(exc))
+
+    async def _listen_own(self, connection: AbstractConnection) -> None:
+        """`_listen` at the AMQP level, on a connection of the listener's own."""
+        channel = await connection.channel(publisher_confirms=False)
+        underlay = await channel.get_underlay_channel()
+        queue = f"{self.exchange}.{uuid.uuid4().hex[:12]}"
+        await underlay.queue_declare(queue, exclusive=True, auto_delete=True)
+        try:
+            await underlay.queue_bind(queue, self.exchange)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            log.warning(
+                "control_exchange_missing",
+                exchange=self.exchange,
+                hint="run `amqtask declare` so that `amqtask status` can inspect the workers",
+            )
+            return
+
+        async def on_request(message: aiormq.abc.DeliveredMessage) -> None:
+            properties = message.header.properties
+            await self._answer(
+                underlay, message.body, properties.reply_to, properties.correlation_id
+            )
+
+        await underlay.basic_consume(queue, on_request, no_ack=True)
 
     async def _listen(self, connection: AbstractRobustConnection) -> None:
         channel = await connection.channel(publisher_confirms=False)
@@ -221,27 +253,45 @@ class ControlListener:
         if channel is not None and not channel.is_closed:
             with contextlib.suppress(Exception):  # closing anyway: the queue goes with it
                 await channel.close()
+        own, self._own = self._own, None
+        if own is not None:
+            with contextlib.suppress(Exception):
+                await own.close()
 
     async def _on_request(self, message: AbstractIncomingMessage) -> None:
-        op = parse_request(message.body, message.reply_to, message.correlation_id)
-        if op is None:
-            log.debug(
-                "control_request_ignored",
-                reply_to=message.reply_to,
-                body=message.body[:200].decode("utf-8", "replace"),
-            )
-            return
         channel = self._channel
-        if channel is None or message.reply_to is None:
+        if channel is None:
             return
         try:
             underlay = await channel.get_underlay_channel()
-            await underlay.basic_publish(
+        except Exception as exc:  # the channel is gone: the requester times out
+            log.debug("control_reply_failed", error=repr(exc))
+            return
+        await self._answer(underlay, message.body, message.reply_to, message.correlation_id)
+
+    async def _answer(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        body: bytes,
+        reply_to: str | None,
+        correlation_id: str | None,
+    ) -> None:
+        """Answer a request on `channel`, or ignore one that is not well-formed."""
+        op = parse_request(body, reply_to, correlation_id)
+        if op is None or reply_to is None:
+            log.debug(
+                "control_request_ignored",
+                reply_to=reply_to,
+                body=body[:200].decode("utf-8", "replace"),
+            )
+            return
+        try:
+            await channel.basic_publish(
                 orjson.dumps(self._describe()),
                 exchange="",
-                routing_key=message.reply_to,
+                routing_key=reply_to,
                 properties=Basic.Properties(
-                    content_type=_CONTENT_TYPE, correlation_id=message.correlation_id
+                    content_type=_CONTENT_TYPE, correlation_id=correlation_id
                 ),
             )
         except Exception as exc:  # a reply lost is the requester's timeout, never the worker's end
@@ -257,7 +307,8 @@ async def inspect_workers(app: App, *, timeout: float = 1.0) -> list[dict[str, A
 
     Returns an empty list when no worker answers, and when the control exchange is missing
     (logged: the app was declared by an older version). Raises a `ConnectError` when the broker
-    cannot be connected to within the app's `connect_timeout`.
+    cannot be connected to within the app's `connect_timeout`. Under `amqtask.testing` the
+    request goes over the in-memory broker (`open_own_connection`), to the `TestApp`'s workers.
     """
     exchange = app.names.control_exchange
     correlation_id = uuid.uuid4().hex
@@ -273,10 +324,10 @@ async def inspect_workers(app: App, *, timeout: float = 1.0) -> list[dict[str, A
         if isinstance(data, dict):
             replies.append(data)
 
-    connection = await open_connection(
-        app.urls, name="amqtask-inspect", timeout=app.connect_timeout
+    connection = await open_own_connection(
+        app.transport, app.urls, name="amqtask-inspect", timeout=app.connect_timeout
     )
-    async with connection:
+    try:
         channel = await connection.channel(publisher_confirms=False)
         underlay = await channel.get_underlay_channel()
         await underlay.basic_consume(DIRECT_REPLY_TO, on_reply, no_ack=True)
@@ -307,4 +358,6 @@ async def inspect_workers(app: App, *, timeout: float = 1.0) -> list[dict[str, A
                 )
             elif error is not None:
                 raise error
+    finally:
+        await connection.close()
     return sorted(replies, key=lambda reply: str(reply.get("name")))

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 import amqtask
 from amqtask import _codec
 from amqtask._codec import Outgoing
+from amqtask._control import inspect_workers
 from amqtask.testing import TestApp
 from amqtask.testing._broker import topic_matches
 from amqtask.testing._messages import wire_headers
@@ -402,3 +403,36 @@ async def test_two_testapps_on_one_loop_leave_it_as_they_found_it() -> None:
         assert outer._threads == 0
         await asyncio.to_thread(time.sleep, 0)  # still counted by the outer one
     assert "run_in_executor" not in vars(loop)  # the loop's own method again
+
+
+async def test_inspect_workers_is_answered_by_the_testapps_workers_over_the_memory_broker() -> None:
+    resize = amqtask.contract("images.resize", Resize, queue="images")
+    app = make_app(resize)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @app.handler(resize)
+    async def do_resize(job: Resize) -> None:
+        started.set()
+        await release.wait()
+
+    async with TestApp(app) as t:
+        await app.send(resize, Resize(path="a.png", width=1))
+        await started.wait()
+        (busy,) = await inspect_workers(app, timeout=0.2)
+        release.set()
+        await t.drain()
+        (idle,) = await inspect_workers(app, timeout=0.2)
+
+    assert (busy["in_flight"], busy["running"], busy["processed"]) == (1, 1, {})
+    assert busy["pool"] is None
+    assert sorted(busy["queues"]) == ["images", "images.due"]
+    assert (idle["in_flight"], idle["processed"]) == (0, {"succeeded": 1})
+
+
+async def test_inspect_workers_without_a_worker_or_control_exchange_answers_nothing() -> None:
+    resize = amqtask.contract("images.resize", Resize, queue="images")
+    app = make_app(resize)
+    async with TestApp(app, workers=False) as t:
+        assert await inspect_workers(app, timeout=0.1) == []
+        del t.broker.exchanges[app.names.control_exchange]  # declared by an older version
+        assert await inspect_workers(app, timeout=0.1) == []  # logged, not raised

@@ -1,8 +1,10 @@
 """AMQP connections and channels on the in-memory broker, for code that speaks AMQP itself.
 
-The scheduler (`amqtask._scheduler`) and `amqtask schedules` (`amqtask._schedule_admin`) do not
-go through the `Transport` seam: they hold a connection of their own and use the AMQP methods on
-it (`basic.qos`, `basic.consume`, `basic.ack`, `basic.publish` with confirms, direct reply-to),
+The scheduler (`amqtask._scheduler`), `amqtask schedules` (`amqtask._schedule_admin`) and the
+workers' control listener and `inspect_workers` (`amqtask._control`) do not go through the
+`Transport` seam: they hold a connection of their own and use the AMQP methods on it
+(`basic.qos`, `basic.consume`, `basic.ack`, `basic.publish` with confirms, direct reply-to, an
+exclusive queue bound to a fanout exchange),
 since which connection holds the scheduler queue's single active consumer is what makes one
 scheduler active. `AmqpConnection` gives them those methods with aio-pika's and aiormq's names
 and types (`Basic.Properties`, `DeliveredMessage`), acting on the `MemoryBroker`: a channel that
@@ -65,6 +67,11 @@ def _properties(message: StoredMessage, headers: dict[str, Any]) -> spec.Basic.P
     )
 
 
+def _observed(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # the close callbacks report the error, not the loop's handler
+
+
 def _outgoing(body: bytes, properties: spec.Basic.Properties | None) -> Outgoing:
     props = properties or spec.Basic.Properties()
     expiration = props.expiration
@@ -124,7 +131,22 @@ class AmqpChannel(AsyncResource):
             return
         self.is_closed = True
         self.broker.disconnect(self)  # unacked deliveries go back to their queues
+        if not self.closing.done():
+            if exc is None:
+                self.closing.set_result(None)
+            else:
+                self.closing.set_exception(exc)
         self.close_callbacks(self, exc)
+
+    _closing: asyncio.Future[None] | None = None
+
+    @property
+    def closing(self) -> asyncio.Future[None]:
+        """aiormq's `closing`: done once the channel closed, with the error that closed it."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+            self._closing.add_done_callback(_observed)
+        return self._closing
 
     # --- queues ------------------------------------------------------------------------------
 
@@ -138,6 +160,27 @@ class AmqpChannel(AsyncResource):
                 aiormq.exceptions.ChannelNotFoundEntity(f"NOT_FOUND - no queue '{name}'")
             )
         return self.broker.queues[name]
+
+    async def queue_declare(
+        self, queue: str, *, exclusive: bool = False, auto_delete: bool = False, **_: Any
+    ) -> None:
+        """An exclusive, auto-delete queue of this channel's (a worker's queue on the control
+        exchange), gone when the channel closes: the only kind declared outside App.declare."""
+        self._check_open()
+        if not (exclusive and auto_delete):
+            raise NotImplementedError("the in-memory broker declares only through App.declare")
+        self.broker.declare_exclusive(queue, None, owner=self)
+
+    async def queue_bind(self, queue: str, exchange: str, routing_key: str = "", **_: Any) -> None:
+        """Bind an exclusive queue of this channel's to a fanout exchange; 404 when the exchange
+        does not exist (the channel closes)."""
+        self._check_open()
+        try:
+            self.broker.bind_exclusive(queue, exchange)
+        except TopologyMissing as exc:
+            raise self._fail(
+                aiormq.exceptions.ChannelNotFoundEntity(f"NOT_FOUND - no {exc.missing[0]}")
+            ) from None
 
     async def basic_qos(self, *, prefetch_count: int = 0, **_: Any) -> None:
         self._check_open()
@@ -238,6 +281,12 @@ class AmqpChannel(AsyncResource):
                     )
                 )
             reply_to = self._reply_address
+        if exchange and exchange not in self.broker.exchanges and not self.publisher_confirms:
+            # Nothing waits for a confirm: RabbitMQ closes the channel (404) after the publish.
+            self._fail(
+                aiormq.exceptions.ChannelNotFoundEntity(f"NOT_FOUND - no exchange '{exchange}'")
+            )
+            return
         task = message.headers.get("amqtask-task")
         name = task if isinstance(task, str) else "amqp"
         failure = self.broker.take_failure(name) if isinstance(task, str) else None

@@ -18,7 +18,8 @@ way RabbitMQ 3.10 does:
   earliest one on an `x-single-active-consumer` queue (the next takes over when it goes);
   requeue at the head with `redelivered`; on quorum queues `x-delivery-count` and
   `x-delivery-limit`;
-- fanout exchanges, and exclusive auto-delete queues that go with their connection.
+- fanout exchanges, and exclusive auto-delete queues that go with their connection (or AMQP
+  channel).
 
 Headers go through the AMQP field-table encoding both ways (see `_messages`). Time-based events
 (TTLs) are event-loop timers, so they follow the virtual clock.
@@ -237,17 +238,28 @@ class MemoryBroker:
         if missing:
             raise TopologyMissing(missing)
 
-    def declare_exclusive(self, name: str, exchange: str, owner: object) -> None:
-        """An exclusive, auto-delete queue of `owner`'s bound to fanout `exchange` (how a worker
-        listens for revocations); deleted when its consumer is cancelled or `owner` closes.
+    def declare_exclusive(self, name: str, exchange: str | None, owner: object) -> None:
+        """An exclusive, auto-delete queue of `owner`'s, bound to fanout `exchange` unless None
+        (how a worker listens for revocations and `inspect` requests); deleted when its consumer
+        is cancelled or `owner` closes.
 
         Raises `TopologyMissing` when the exchange does not exist (a 404, as on RabbitMQ)."""
-        if exchange not in self.exchanges:
+        if exchange is not None and exchange not in self.exchanges:
             raise TopologyMissing([f"exchange {exchange!r}"])
         self.queues[name] = _Queue(topo.Queue(name, durable=False))
         self._exclusive[name] = owner
-        self.exchanges[exchange].bindings.append(topo.Binding(exchange, name, ""))
+        if exchange is not None:
+            self.bind_exclusive(name, exchange)
         self.activity += 1
+
+    def bind_exclusive(self, name: str, exchange: str) -> None:
+        """Bind exclusive queue `name` to fanout `exchange`. Raises `TopologyMissing` when either
+        does not exist."""
+        if exchange not in self.exchanges:
+            raise TopologyMissing([f"exchange {exchange!r}"])
+        if name not in self._exclusive:
+            raise TopologyMissing([f"queue {name!r}"])
+        self.exchanges[exchange].bindings.append(topo.Binding(exchange, name, ""))
 
     def delete_queue(self, name: str) -> None:
         """Delete queue `name` with its messages and bindings (its consumers get nothing more)."""

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 import amqtask
 from amqtask import _codec, _schedule_admin, _wallclock
 from amqtask._codec import Outgoing
+from amqtask._control import inspect_workers
 from amqtask._dead_letters import last_death_reason
 from amqtask._schedule import tick_message_id
 from amqtask._scheduler import Scheduler
@@ -498,6 +499,41 @@ async def test_a_request_held_by_a_busy_worker_past_its_deadline_is_dropped_unru
             assert await env.depth(f"{double.queue}.dead") == 0
 
     assert runs == [1]
+
+
+# --- asking the workers -------------------------------------------------------------------------
+
+
+async def test_a_worker_answers_inspect_with_the_deliveries_it_holds_and_its_outcomes(
+    env: Env, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = env.app([job])
+    running_now: list[int] = []
+    done: list[int] = []
+    release = asyncio.Event()
+
+    @app.handler(job)
+    async def handle(task: Job) -> None:
+        running_now.append(task.n)
+        await release.wait()
+        done.append(task.n)
+
+    async with env.running(app, concurrency=2):
+        await app.send(job, Job(n=1))
+        await app.send(job, Job(n=2))
+        await env.until(lambda: len(running_now) == 2)
+        (busy,) = await inspect_workers(app, timeout=1.0)
+        release.set()
+        await env.until(lambda: len(done) == 2)
+        await env.elapse(0.5)  # the acks
+        (idle,) = await inspect_workers(app, timeout=1.0)
+
+    assert (busy["in_flight"], busy["running"], busy["processed"]) == (2, 2, {})
+    assert busy["pool"] is None
+    assert busy["concurrency"] == 2
+    assert sorted(busy["queues"]) == sorted([job.queue, f"{job.queue}.due"])
+    assert (idle["in_flight"], idle["processed"]) == (0, {"succeeded": 2})
 
 
 # --- bounded queues and redeliveries ------------------------------------------------------------
