@@ -88,6 +88,15 @@ export function empty(text) {
   return h("p", { class: "empty" }, text);
 }
 
+// A list of [label, value] pairs as label and value side by side; a missing value shows "–".
+export function facts(pairs) {
+  return h(
+    "dl",
+    { class: "facts" },
+    pairs.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v || "–")]),
+  );
+}
+
 // --- the API -----------------------------------------------------------------------------------
 
 export class ApiError extends Error {
