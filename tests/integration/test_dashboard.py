@@ -259,14 +259,14 @@ async def test_pages_asked_for_at_once_each_see_every_letter(
 
 
 async def test_with_a_read_running_and_one_waiting_a_third_is_answered_429(
-    make_app: AppFactory, amqp: AbstractConnection, unique: str, monkeypatch: pytest.MonkeyPatch
+    app: amqtask.App,
+    job: amqtask.Contract[Job, Any],
+    amqp: AbstractConnection,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from amqtask import _dead_letters
     from amqtask.dashboard._server import DATA
 
-    job = amqtask.contract(f"{unique}.job", Job)
-    app = make_app([job])
-    await app.declare()
     await put_dead_letters(amqp, job, 2)
     gate = asyncio.Event()
     entered = asyncio.Event()
@@ -294,11 +294,8 @@ async def test_with_a_read_running_and_one_waiting_a_third_is_answered_429(
 
 
 async def test_cross_site_requests_to_the_api_are_refused_the_page_s_own_are_not(
-    make_app: AppFactory, amqp: AbstractConnection, unique: str
+    app: amqtask.App, job: amqtask.Contract[Job, Any], amqp: AbstractConnection
 ) -> None:
-    job = amqtask.contract(f"{unique}.job", Job)
-    app = make_app([job])
-    await app.declare()
     await put_dead_letters(amqp, job, 1)
     async with dashboard(app) as client:
         path = f"/api/dead-letters/{job.name}/dl-0"
@@ -643,6 +640,59 @@ async def test_tasks_of_the_store_are_searched_shown_with_a_timeline_and_revoked
             return bool(data["task"]["revoke_requested"])
 
         await wait_for(is_revoked)
+
+
+async def test_two_first_revokes_at_once_open_one_connection(
+    make_app: AppFactory, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job], store=f"sqlite:///{tmp_path / 'tasks.db'}")
+    await app.declare()
+    async with app:
+        ids = [await app.send(job, Job(n=n), delay=3600) for n in range(2)]
+    connects: list[None] = []
+    real_connect = app.connect
+
+    async def counted_connect() -> None:
+        connects.append(None)
+        await real_connect()
+
+    monkeypatch.setattr(app, "connect", counted_connect)
+    async with dashboard(app) as client:
+        answers = await asyncio.gather(
+            *(post(client, f"/api/tasks/{task_id}/revoke", {"terminate": False}) for task_id in ids)
+        )
+        assert [(await ok(answer))["revoked"] for answer in answers] == [True, True]
+    assert len(connects) == 1
+
+
+async def test_a_sample_that_fails_unexpectedly_is_reported_and_sampling_goes_on(
+    make_app: AppFactory, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from amqtask import _status
+
+    app = make_app([amqtask.contract(f"{unique}.job", Job)])
+    await app.declare()
+    real_report = _status.report
+    broken = [True]
+
+    def report(*args: Any, **kwargs: Any) -> Any:
+        if broken[0]:
+            raise KeyError("surprise")
+        return real_report(*args, **kwargs)
+
+    monkeypatch.setattr(_status, "report", report)
+    async with dashboard(app) as client:
+        failing = await client.get("/api/overview")
+        assert failing.status == 503
+        assert "surprise" in (await failing.json())["error"]
+        broken[0] = False
+
+        async def sampled_again() -> bool:
+            answer = await client.get("/api/overview")
+            return answer.status == 200 and (await answer.json())["error"] is None
+
+        await wait_for(sampled_again, timeout=10)
 
 
 async def test_without_a_store_tasks_are_an_empty_list(make_app: AppFactory, unique: str) -> None:
