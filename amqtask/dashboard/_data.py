@@ -107,6 +107,7 @@ class DashboardData:
         self._ticks = 0
         self._task: asyncio.Task[None] | None = None
         self._connected = False  # the app's own connection, opened for revoke
+        self._connect_lock = asyncio.Lock()
         # One reader of a dead-letter queue at a time: letters one scan holds unacked are
         # invisible to another, whose page would skip them.
         self._scans: dict[str, asyncio.Lock] = {}
@@ -138,7 +139,12 @@ class DashboardData:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception as exc:  # a bug or a surprise must not stop the sampling for good
+                log.exception("dashboard_sampler_failed")
+                self._error = f"sampling failed: {' '.join(str(exc).split()) or type(exc).__name__}"
+                self._first.set()
             await asyncio.sleep(max(self.interval - (loop.time() - started), 0.1))
 
     async def tick(self) -> None:
@@ -205,6 +211,9 @@ class DashboardData:
                 lambda: (_cluster.nodes(management), _cluster.all_leaders(management))
             )
         except _status.ManagementUnavailable:
+            return {"available": False, "nodes": [], "balanced": None}
+        except Exception as exc:  # an answer cut short (IncompleteRead), not JSON, ...
+            log.warning("dashboard_cluster_failed", error=repr(exc))
             return {"available": False, "nodes": [], "balanced": None}
         running = [node["name"] for node in nodes if node["running"]]
         return {
@@ -451,9 +460,10 @@ class DashboardData:
     async def revoke(self, task_id: str, *, terminate: bool) -> dict[str, Any]:
         if self.app.store is None:
             raise NotFound("this app has no task store")
-        if not self._connected:
-            await self.app.connect()  # the broadcast to running workers publishes
-            self._connected = True
+        async with self._connect_lock:  # two first revokes at once: one connection, not two
+            if not self._connected:
+                await self.app.connect()  # the broadcast to running workers publishes
+                self._connected = True
         await self.app.revoke(task_id, terminate=terminate)
         return {"id": task_id, "revoked": True}
 
