@@ -986,7 +986,7 @@ def status(
     Workers: each running worker is asked over the control exchange (waiting --inspect-timeout
     for answers) for its queues, the deliveries it holds now, and its process pool's children
     (alive of size, busy, recycled, crashed, killed on time limit); "workers" in JSON, null
-    with --no-inspect.
+    with --no-inspect or when the broker refused the request (the reason in "workers_error").
 
     \b
     Example:
@@ -1013,11 +1013,13 @@ def status(
                 data = _status.report(app.contracts, app.names, sample, previous)
                 if app.store is not None:
                     data["store"] = await _store_counts(app)
-                data["workers"] = (
-                    None
+                data["workers"], not_inspected = (
+                    (None, None)
                     if no_inspect
-                    else await _control.inspect_workers(app, timeout=inspect_timeout)
+                    else await _control.try_inspect_workers(app, timeout=inspect_timeout)
                 )
+                if not_inspected is not None:  # the user may not publish to the control exchange
+                    data["workers_error"] = not_inspected
                 if as_json:
                     click.echo(orjson.dumps(data).decode())
                     for warning in data["warnings"]:
@@ -1028,8 +1030,12 @@ def status(
                     click.echo(_status.render(data))
                     if "store" in data:
                         click.echo(_store_report.render_counts(**data["store"]))
-                    if data["workers"] is not None:
-                        click.echo(_control.render_workers(data["workers"], inspect_timeout))
+                    if data["workers"] is not None or not_inspected is not None:
+                        click.echo(
+                            _control.render_workers(
+                                data["workers"], inspect_timeout, reason=not_inspected
+                            )
+                        )
                 samples += 1
                 if watch is None or (count is not None and samples >= count):
                     return

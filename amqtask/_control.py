@@ -149,8 +149,30 @@ def merge_into_workers(report: dict[str, Any], replies: Iterable[Mapping[str, An
         worker["pool_children"] = reply.get("pool")
 
 
-def render_workers(replies: Sequence[Mapping[str, Any]], timeout: float) -> str:
-    """The Workers section of `amqtask status`: one line per worker that answered."""
+async def try_inspect_workers(
+    app: App, *, timeout: float = 1.0
+) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """`inspect_workers`, or (None, why) when the broker refused the request: a user that may
+    not write to the control exchange gets ACCESS_REFUSED, which is no reason to stop a status."""
+    try:
+        return await inspect_workers(app, timeout=timeout), None
+    except aiormq.exceptions.AMQPChannelError as exc:
+        return None, refusal(exc)
+
+
+def refusal(exc: aiormq.exceptions.AMQPError) -> str:
+    """The broker's text of a channel it closed ("ACCESS_REFUSED - access to exchange ...")."""
+    texts = [arg for arg in exc.args if isinstance(arg, str)]
+    return " ".join(" ".join(texts).split()) if texts else type(exc).__name__
+
+
+def render_workers(
+    replies: Sequence[Mapping[str, Any]] | None, timeout: float, *, reason: str | None = None
+) -> str:
+    """The Workers section of `amqtask status`: one line per worker that answered, or why none
+    was asked."""
+    if replies is None:
+        return f"Workers: not inspected ({reason})"
     if not replies:
         return (
             f"Workers: no worker answered within {timeout:g} s (none running, or their "

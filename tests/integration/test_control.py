@@ -166,6 +166,49 @@ async def test_status_without_a_running_worker_says_no_worker_answered(
     assert "Workers: no worker answered within 1 s" in text
 
 
+async def test_status_of_a_user_who_may_not_publish_to_the_control_exchange_says_why(
+    make_app: AppFactory, broker_url: str, unique: str, tmp_path: Path
+) -> None:
+    from urllib.parse import urlsplit, urlunsplit
+
+    job = amqtask.contract(f"{unique}.job", h.Job)
+    await make_app([job]).declare()
+    user, password = f"{unique}-reader", "reader-pw"
+    parts = urlsplit(broker_url)
+    vhost = parts.path.lstrip("/") or "/"
+    ctl = ["rabbitmqctl", "-q"]
+
+    async def rabbitmqctl(*args: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *ctl, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, (args, out, err)
+
+    await rabbitmqctl("add_user", user, password)
+    try:
+        # Configure and read everything, write nothing: no publish to the control exchange.
+        await rabbitmqctl("set_permissions", "-p", vhost, user, ".*", "", ".*")
+        netloc = f"{user}:{password}@{parts.hostname}:{parts.port or 5672}"
+        reader_url = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        target = status_app(tmp_path, reader_url, unique, job.name)
+        code, text, stderr = await amqtask_cli(tmp_path, "status", target)
+        data_code, data_text, data_err = await amqtask_cli(tmp_path, "status", target, "--json")
+        watch = await amqtask_cli(tmp_path, "status", target, "--watch", "0.1", "--count", "2")
+    finally:
+        await rabbitmqctl("delete_user", user)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert job.name in text
+    assert "Workers: not inspected (ACCESS_REFUSED" in text
+    assert data_code == 0, data_err
+    data = json.loads(data_text)
+    assert data["workers"] is None
+    assert "ACCESS_REFUSED" in data["workers_error"]
+    assert watch[0] == 0, watch[2]
+    assert watch[1].count("Workers: not inspected") == 2
+
+
 async def test_a_worker_on_an_app_declared_without_the_control_exchange_runs_on(
     make_app: AppFactory, broker_url: str, unique: str
 ) -> None:
