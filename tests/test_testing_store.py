@@ -32,6 +32,18 @@ def make(tmp_path: Path, **options: object) -> tuple[amqtask.App, amqtask.Contra
     return amqtask.App(URL, [job], store=f"sqlite:///{tmp_path}/tasks.db"), job
 
 
+def doubled(app: amqtask.App, job: amqtask.Contract[Job, int]) -> list[int]:
+    """Handle `job` by doubling its `n`; the list returned fills with each `n` handled."""
+    runs: list[int] = []
+
+    @app.handler(job)
+    async def double(task: Job) -> int:
+        runs.append(task.n)
+        return task.n * 2
+
+    return runs
+
+
 async def test_states_and_their_times_follow_the_virtual_clock(tmp_path: Path) -> None:
     app, job = make(tmp_path)
 
@@ -76,12 +88,7 @@ async def test_states_and_their_times_follow_the_virtual_clock(tmp_path: Path) -
 
 async def test_a_revoked_delayed_task_never_runs_and_its_result_says_so(tmp_path: Path) -> None:
     app, job = make(tmp_path)
-    runs: list[int] = []
-
-    @app.handler(job)
-    async def double(task: Job) -> int:
-        runs.append(task.n)
-        return task.n * 2
+    runs = doubled(app, job)
 
     async with TestApp(app) as t:
         task_id = await app.send(job, Job(n=1), delay=60)
@@ -130,12 +137,7 @@ async def test_a_deduplicated_task_delivered_again_after_its_success_is_skipped(
     tmp_path: Path,
 ) -> None:
     app, job = make(tmp_path, deduplicate=True)
-    runs: list[int] = []
-
-    @app.handler(job)
-    async def double(task: Job) -> int:
-        runs.append(task.n)
-        return task.n * 2
+    runs = doubled(app, job)
 
     async with TestApp(app) as t:
         task_id = await app.send(job, Job(n=3))
