@@ -20,7 +20,9 @@ shows as text.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+import hashlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Self
@@ -88,6 +90,7 @@ class DeadLetter:
     failed_at: str | None
     body_size: int
     body_preview: bytes
+    digest: str = ""  # tells apart copies that share a message id (`letter_digest`)
 
     @classmethod
     def of(cls, message: _codec.Delivery, *, preview: int = PREVIEW_BYTES) -> DeadLetter:
@@ -102,7 +105,8 @@ class DeadLetter:
         if attempts is None:
             attempts = text(_codec.ATTEMPT)
         return cls(
-            message_id=_clip(_codec.header_text(message.message_id), _MAX_NAME),
+            # Not clipped: AMQP bounds it (255 bytes), and an action names a letter by it.
+            message_id=_codec.header_text(message.message_id),
             task=text(_codec.TASK),
             reason=_clip(last_death_reason(headers), _MAX_NAME),
             error=text(_codec.ERROR, _MAX_TEXT),
@@ -111,6 +115,7 @@ class DeadLetter:
             failed_at=text(_codec.FAILED_AT),
             body_size=len(message.body),
             body_preview=bytes(message.body[:preview]),
+            digest=letter_digest(message),
         )
 
     @property
@@ -130,7 +135,45 @@ class DeadLetter:
             "body": self.body_preview.decode("utf-8", "replace"),
             "body_size": self.body_size,
             "body_truncated": self.body_truncated,
+            "digest": self.digest,
         }
+
+
+def letter_digest(message: _codec.Delivery) -> str:
+    """A short hash of a dead letter's id, body and headers: two copies with the same message
+    id (a message dead-lettered twice, or sent twice) differ in it unless they are identical,
+    so an action can name one copy (`Selection`)."""
+    raw = message.headers
+    headers = raw if isinstance(raw, Mapping) else {}
+    digest = hashlib.sha256()
+    digest.update((message.message_id or "").encode())
+    digest.update(b"\0")
+    digest.update(bytes(message.body))
+    for name in sorted(headers, key=str):
+        if name == "x-delivery-count":
+            continue  # a quorum queue counts every read in it: not part of the letter
+        digest.update(f"\0{name}={headers[name]!r}".encode("utf-8", "replace"))
+    return digest.hexdigest()[:16]
+
+
+class Selection:
+    """Dead letters named one copy each, by (message id, `letter_digest`): each pair matches
+    one letter only, so of two copies sharing an id, naming one acts on one."""
+
+    def __init__(self, letters: Iterable[tuple[str, str]]) -> None:
+        self._left = Counter(letters)
+
+    def take(self, message: _codec.Delivery) -> bool:
+        """Whether `message` is one of those named (and not yet taken): counts it taken."""
+        key = (message.message_id or "", letter_digest(message))
+        if self._left[key] <= 0:
+            return False
+        self._left[key] -= 1
+        return True
+
+    @property
+    def done(self) -> bool:
+        return not any(n > 0 for n in self._left.values())
 
 
 # Headers the broker adds when it dead-letters: a replayed message starts afresh without them.
@@ -187,9 +230,14 @@ async def list_dead_letters(
 
 
 async def replay(
-    app: App, contract: Contract[Any, Any], *, ids: Collection[str] | None = None
+    app: App,
+    contract: Contract[Any, Any],
+    *,
+    ids: Collection[str] | None = None,
+    selection: Selection | None = None,
 ) -> int:
-    """Move dead letters back to the work queue (all, or those whose message id is in `ids`).
+    """Move dead letters back to the work queue (all, those whose message id is in `ids`, or
+    the copies `selection` names).
 
     Each is published to the work queue, persistent, and confirmed before its dead letter is
     acked. Returns how many were replayed. Raises `PublishError` if a publish is refused; what was
@@ -208,6 +256,8 @@ async def replay(
                 break
             if ids is not None and message.message_id not in ids:
                 continue  # left unacked: back in the queue when the channel closes
+            if selection is not None and not selection.take(message):
+                continue
             headers = {
                 key: _codec.sendable_header(value)
                 for key, value in (message.headers or {}).items()
@@ -239,6 +289,8 @@ async def replay(
                 ) from None
             await message.ack()
             replayed += 1
+            if selection is not None and selection.done:
+                break
         await getter.close()
         await _returned(connection, queue.name, count - replayed)
     return replayed
@@ -467,19 +519,25 @@ async def find_dead_letter(
     return found[0] if found else None
 
 
-async def delete_dead_letters(app: App, contract: Contract[Any, Any], ids: Collection[str]) -> int:
-    """Delete the dead letters whose message id is in `ids` (acks only those); returns how many
-    were deleted. The others stay, in order."""
+async def delete_dead_letters(
+    app: App,
+    contract: Contract[Any, Any],
+    ids: Collection[str] = (),
+    *,
+    selection: Selection | None = None,
+) -> int:
+    """Delete the dead letters whose message id is in `ids`, or the copies `selection` names
+    (acks only those); returns how many were deleted. The others stay, in order."""
     wanted = set(ids)
     deleted = 0
 
     async def visit(_index: int, message: _Letter) -> bool:
         nonlocal deleted
-        if message.message_id in wanted:
+        if message.message_id in wanted or (selection is not None and selection.take(message)):
             await message.ack()
             deleted += 1
-        return False
+        return selection is not None and selection.done and not wanted
 
-    if wanted:
+    if wanted or (selection is not None and not selection.done):
         await _scan(app, contract, visit)
     return deleted

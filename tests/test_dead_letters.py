@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from amqtask._codec import ATTEMPT, ERROR, FIRST_FAILED_AT, REASON, TASK, sendable_header
-from amqtask._dead_letters import PREVIEW_BYTES, DeadLetter, last_death_reason
+from amqtask._dead_letters import (
+    PREVIEW_BYTES,
+    DeadLetter,
+    Selection,
+    last_death_reason,
+    letter_digest,
+)
 
 
 @dataclass
@@ -138,3 +144,20 @@ def test_replayed_headers_are_encodable_again_and_keep_their_bytes() -> None:
         "nested": {"list": [bytearray(b"\xfe"), 1.5, "1e+300"]},
         "kept": Decimal("1.25"),
     }
+
+
+def test_a_selection_takes_one_copy_per_letter_named_and_the_id_is_never_clipped() -> None:
+    first = FakeDelivery(body=b"a", message_id="same")
+    twin = FakeDelivery(body=b"a", message_id="same", headers={"x-delivery-count": 3})
+    other = FakeDelivery(body=b"b", message_id="same")
+    assert letter_digest(first) == letter_digest(twin)  # a quorum queue's count is not the letter
+    assert letter_digest(first) != letter_digest(other)
+    selection = Selection([("same", letter_digest(first))])
+    assert not selection.take(other)  # type: ignore[arg-type]
+    assert selection.take(twin)  # type: ignore[arg-type]
+    assert not selection.take(first)  # type: ignore[arg-type]
+    assert selection.done
+    long_id = "x" * 255  # the longest an AMQP message id can be
+    letter = DeadLetter.of(FakeDelivery(message_id=long_id))  # type: ignore[arg-type]
+    assert letter.message_id == long_id
+    assert letter.to_dict()["digest"] == letter_digest(FakeDelivery(message_id=long_id))  # type: ignore[arg-type]

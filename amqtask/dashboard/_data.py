@@ -328,7 +328,10 @@ class DashboardData:
             "count": count,
             "offset": offset,
             "limit": limit,
-            "letters": [letter.to_dict() for letter in page],
+            # A row's key is its position: two copies of one message id are two rows.
+            "letters": [
+                {**letter.to_dict(), "position": offset + i} for i, letter in enumerate(page)
+            ],
         }
 
     async def dead_letter(self, task: str, message_id: str) -> dict[str, Any]:
@@ -339,18 +342,27 @@ class DashboardData:
             raise NotFound(f"no dead letter {message_id!r} in the dead letters of {task!r}")
         return {"letter": found.to_dict()}
 
-    async def replay(self, task: str, ids: list[str] | None) -> dict[str, Any]:
-        """As `amqtask dlq replay`: each copy confirmed by the broker before its letter goes."""
+    async def replay(
+        self, task: str, ids: list[str] | None, selection: _dead_letters.Selection | None = None
+    ) -> dict[str, Any]:
+        """As `amqtask dlq replay`: each copy confirmed by the broker before its letter goes.
+        All letters, those with a message id in `ids`, or one copy per pair of `selection`."""
         contract = self.contract(task)
         async with self._scan_lock(contract):
-            return {"replayed": await _dead_letters.replay(self.app, contract, ids=ids)}
+            replayed = await _dead_letters.replay(self.app, contract, ids=ids, selection=selection)
+            return {"replayed": replayed}
 
-    async def purge(self, task: str, ids: list[str] | None) -> dict[str, Any]:
+    async def purge(
+        self, task: str, ids: list[str] | None, selection: _dead_letters.Selection | None = None
+    ) -> dict[str, Any]:
         contract = self.contract(task)
         async with self._scan_lock(contract):
-            if ids is None:
+            if ids is None and selection is None:
                 return {"purged": await _dead_letters.purge(self.app, contract)}
-            return {"purged": await _dead_letters.delete_dead_letters(self.app, contract, ids)}
+            deleted = await _dead_letters.delete_dead_letters(
+                self.app, contract, ids or (), selection=selection
+            )
+            return {"purged": deleted}
 
     # --- schedules ----------------------------------------------------------------------------
 

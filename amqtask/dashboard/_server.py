@@ -36,6 +36,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from amqtask._dead_letters import Selection
 from amqtask._exceptions import AmqtaskError, ConnectError, StoreError, TopologyMissing
 from amqtask.dashboard._data import Busy, DashboardData, NotFound, parse_since
 
@@ -253,28 +254,50 @@ async def dead_letter(request: web.Request) -> web.Response:
     return json(await request.app[DATA].dead_letter(info["task"], info["message_id"]))
 
 
-async def _selection(request: web.Request) -> list[str] | None:
-    """The message ids of a write action's body, or None for `{"all": true}`."""
+_SELECTION = (
+    'expected {"letters": [{"id": "message id", "digest": "..."}, ...]}, '
+    '{"ids": ["message id", ...]} or {"all": true}'
+)
+
+
+async def _selection(request: web.Request) -> tuple[list[str] | None, Selection | None]:
+    """What a write action's body names: message ids (every copy of each), letters (one copy
+    each, by id and digest), or neither for `{"all": true}`."""
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
         raise web.HTTPBadRequest(reason="the body is not JSON") from None
-    if isinstance(body, dict) and body.get("all") is True:
-        return None
-    ids = body.get("ids") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(reason=_SELECTION)
+    if body.get("all") is True:
+        return None, None
+    letters = body.get("letters")
+    if letters is not None:
+        if not isinstance(letters, list) or not letters:
+            raise web.HTTPBadRequest(reason=_SELECTION)
+        pairs = []
+        for letter in letters:
+            if not isinstance(letter, dict):
+                raise web.HTTPBadRequest(reason=_SELECTION)
+            message_id, digest = letter.get("id"), letter.get("digest")
+            if not isinstance(message_id, str) or not isinstance(digest, str):
+                raise web.HTTPBadRequest(reason=_SELECTION)
+            pairs.append((message_id, digest))
+        return None, Selection(pairs)
+    ids = body.get("ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-        raise web.HTTPBadRequest(reason='expected {"ids": ["message id", ...]} or {"all": true}')
-    return ids
+        raise web.HTTPBadRequest(reason=_SELECTION)
+    return ids, None
 
 
 async def replay(request: web.Request) -> web.Response:
-    ids = await _selection(request)
-    return json(await request.app[DATA].replay(request.match_info["task"], ids))
+    ids, letters = await _selection(request)
+    return json(await request.app[DATA].replay(request.match_info["task"], ids, letters))
 
 
 async def purge(request: web.Request) -> web.Response:
-    ids = await _selection(request)
-    return json(await request.app[DATA].purge(request.match_info["task"], ids))
+    ids, letters = await _selection(request)
+    return json(await request.app[DATA].purge(request.match_info["task"], ids, letters))
 
 
 async def schedules(request: web.Request) -> web.Response:

@@ -416,6 +416,44 @@ async def test_purge_by_id_deletes_only_those_and_purge_all_empties_the_queue(
 # --- safety ---------------------------------------------------------------------------------------
 
 
+async def test_of_two_letters_sharing_an_id_each_is_a_row_and_one_is_acted_on_alone(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    await put_dead_letters(amqp, job, 1, start=0)
+    await put_dead_letters(amqp, job, 1, start=0)  # the same message id, a second copy
+    async with amqp.channel() as channel:  # and a third copy with another body
+        await channel.default_exchange.publish(
+            aio_pika.Message(b'{"n":99}', message_id="dl-0"), routing_key=f"{job.queue}.dead"
+        )
+    path = f"/api/dead-letters/{job.name}"
+    async with dashboard(app) as client:
+        page = await ok(await client.get(path))
+        letters = page["letters"]
+        assert [letter["message_id"] for letter in letters] == ["dl-0"] * 3
+        assert [letter["position"] for letter in letters] == [0, 1, 2]
+        other = letters[2]
+        assert other["digest"] != letters[0]["digest"]
+        # One copy named: only it goes, not every letter with its id.
+        one = {"letters": [{"id": "dl-0", "digest": other["digest"]}]}
+        assert await ok(await post(client, f"{path}/purge", one)) == {"purged": 1}
+        await dead_depth_is(amqp, job, 2)
+        left = (await ok(await client.get(path)))["letters"]
+        assert [letter["body"] for letter in left] == ['{"n":0}', '{"n":0}']
+        # Of two identical copies, naming one replays one.
+        twin = {"letters": [{"id": "dl-0", "digest": left[0]["digest"]}]}
+        assert await ok(await post(client, f"{path}/replay", twin)) == {"replayed": 1}
+        await dead_depth_is(amqp, job, 1)
+        assert await queue_depth(amqp, job.queue) == 1
+        gone = {"letters": [{"id": "dl-0", "digest": other["digest"]}]}
+        assert await ok(await post(client, f"{path}/purge", gone)) == {"purged": 0}
+        bad = await post(client, f"{path}/purge", {"letters": [{"id": "dl-0"}]})
+        assert bad.status == 400
+    await dead_depth_is(amqp, job, 1)
+
+
 async def test_write_actions_need_the_action_header_and_json_and_read_only_refuses_them(
     app: amqtask.App, job: amqtask.Contract[Job, Any], amqp: AbstractConnection
 ) -> None:

@@ -182,6 +182,35 @@ async def test_a_dead_letter_replayed_from_the_page_leaves_the_table_and_reaches
         await message.ack()
 
 
+async def test_two_dead_letters_sharing_an_id_are_two_rows_and_purging_one_leaves_the_other(
+    make_app: AppFactory, amqp: AbstractConnection, browser: Browser, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    async with amqp.channel() as channel:
+        for n in (1, 2):
+            await channel.default_exchange.publish(
+                aio_pika.Message(f'{{"n":{n}}}'.encode(), message_id="twice"),
+                routing_key=f"{job.queue}.dead",
+            )
+    async with dashboard(app) as url:
+        page = await open_page(browser, url + f"#/dead-letters/{job.name}")
+        rows = page.locator('tr[data-testid="letter-twice"]')
+        await expect(rows).to_have_count(2, timeout=SLOW)
+        await rows.nth(1).get_by_test_id("purge").click()
+        await page.get_by_test_id("confirm").click()
+        await expect(rows).to_have_count(1, timeout=SLOW)
+        assert PAGE_ERRORS.pop(page) == []
+    await wait_for(lambda: depth_is(amqp, f"{job.queue}.dead", 1))
+    async with amqp.channel() as channel:
+        queue = await channel.declare_queue(f"{job.queue}.dead", passive=True)
+        message = await queue.get(fail=True)
+        assert message is not None
+        assert message.body == b'{"n":1}'  # the first copy stayed; only the row clicked went
+        await message.nack(requeue=True)
+
+
 async def test_a_cancelled_confirmation_replays_nothing(
     make_app: AppFactory, amqp: AbstractConnection, browser: Browser, unique: str
 ) -> None:

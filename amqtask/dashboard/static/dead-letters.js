@@ -23,6 +23,11 @@ import {
 const PAGE = 50; // dead letters per page
 const RELOAD_MS = 30000; // a page shown is read again at least this often
 
+// A row is a letter at a position in the queue: two copies with one message id are two rows,
+// and an action names one copy by its id and digest.
+const keyOf = (d) => `${d.position}:${d.digest}`;
+const named = (d) => ({ id: d.message_id, digest: d.digest });
+
 export function deadLetterQueuesView(main) {
   const table = dataTable(
     [
@@ -48,7 +53,7 @@ export function deadLetterQueuesView(main) {
 export function deadLettersView(main, task) {
   let offset = 0;
   let page = { letters: [], count: 0 };
-  const selected = new Set();
+  const selected = new Map(); // keyOf(letter) -> named(letter)
   const base = `dead-letters/${encodeURIComponent(task)}`;
   const heading = h("h2", {}, "Dead letters of ", h("code", {}, task));
   const total = h("span", { class: "muted", testid: "dead-letter-total" });
@@ -61,7 +66,7 @@ export function deadLettersView(main, task) {
     onchange: () => {
       for (const letter of page.letters) {
         if (letter.message_id)
-          selectAll.checked ? selected.add(letter.message_id) : selected.delete(letter.message_id);
+          selectAll.checked ? selected.set(keyOf(letter), named(letter)) : selected.delete(keyOf(letter));
       }
       for (const box of table.el.querySelectorAll("tbody input[type=checkbox]"))
         box.checked = selectAll.checked;
@@ -80,9 +85,9 @@ export function deadLettersView(main, task) {
             "aria-label": `select ${d.message_id}`,
             testid: "select",
             disabled: !d.message_id,
-            checked: selected.has(d.message_id),
+            checked: selected.has(keyOf(d)),
             onchange: (event) => {
-              event.target.checked ? selected.add(d.message_id) : selected.delete(d.message_id);
+              event.target.checked ? selected.set(keyOf(d), named(d)) : selected.delete(keyOf(d));
               syncButtons();
             },
           }),
@@ -110,13 +115,13 @@ export function deadLettersView(main, task) {
           h(
             "span",
             { class: "row-actions" },
-            actionButton("Replay", "replay", () => replay([d.message_id]), "small"),
-            actionButton("Purge", "purge", () => purge([d.message_id]), "small danger"),
+            actionButton("Replay", "replay", () => replay([named(d)]), "small"),
+            actionButton("Purge", "purge", () => purge([named(d)]), "small danger"),
           ),
       },
     ],
     {
-      key: (d) => d.message_id ?? JSON.stringify(d),
+      key: keyOf,
       rowTestid: (d) => `letter-${d.message_id}`,
       empty: "No dead letters.",
     },
@@ -124,8 +129,8 @@ export function deadLettersView(main, task) {
   $("thead th", table.el).replaceChildren(selectAll);
 
   const buttons = {
-    replaySelected: actionButton("Replay selected", "replay-selected", () => replay([...selected])),
-    purgeSelected: actionButton("Purge selected", "purge-selected", () => purge([...selected]), "danger"),
+    replaySelected: actionButton("Replay selected", "replay-selected", () => replay([...selected.values()])),
+    purgeSelected: actionButton("Purge selected", "purge-selected", () => purge([...selected.values()]), "danger"),
     replayAll: actionButton("Replay all", "replay-all", () => replay(null)),
     purgeAll: actionButton("Purge all", "purge-all", () => purge(null), "danger"),
   };
@@ -142,36 +147,35 @@ export function deadLettersView(main, task) {
     buttons.purgeSelected.textContent = selected.size ? `Purge ${selected.size} selected` : "Purge selected";
   }
 
-  function what(ids) {
-    if (ids === null) return `all ${plural(page.count ?? 0, "dead letter")} of ${task}`;
-    return ids.length === 1 ? `dead letter ${ids[0]}` : plural(ids.length, "dead letter");
+  // `letters`: [{id, digest}] (one copy each), or null for all.
+  function what(letters) {
+    if (letters === null) return `all ${plural(page.count ?? 0, "dead letter")} of ${task}`;
+    return letters.length === 1 ? `dead letter ${letters[0].id}` : plural(letters.length, "dead letter");
   }
 
-  function replay(ids) {
+  function replay(letters) {
     return perform({
       title: "Replay",
-      text: `Send ${what(ids)} back to the work queue of ${task}? Each is removed from the dead-letter queue once the broker confirms the copy.`,
+      text: `Send ${what(letters)} back to the work queue of ${task}? Each is removed from the dead-letter queue once the broker confirms the copy.`,
       label: "Replay",
-      run: () => post(`${base}/replay`, ids === null ? { all: true } : { ids }),
+      run: () => post(`${base}/replay`, letters === null ? { all: true } : { letters }),
       done: (r) => {
         stale = true;
-        ids?.forEach((id) => selected.delete(id));
-        if (ids === null) selected.clear();
+        selected.clear(); // the positions shift
         return `Replayed ${plural(r.replayed, "message")}.`;
       },
     });
   }
 
-  function purge(ids) {
+  function purge(letters) {
     return perform({
       title: "Purge",
-      text: `Delete ${what(ids)}? This cannot be undone.`,
+      text: `Delete ${what(letters)}? This cannot be undone.`,
       label: "Purge",
-      run: () => post(`${base}/purge`, ids === null ? { all: true } : { ids }),
+      run: () => post(`${base}/purge`, letters === null ? { all: true } : { letters }),
       done: (r) => {
         stale = true;
-        ids?.forEach((id) => selected.delete(id));
-        if (ids === null) selected.clear();
+        selected.clear(); // the positions shift
         return `Purged ${plural(r.purged, "message")}.`;
       },
     });
@@ -227,13 +231,13 @@ export function deadLettersView(main, task) {
     loadedAt = Date.now();
     const letters = page.letters ?? [];
     table.update(letters);
-    const ids = new Set(letters.map((d) => d.message_id));
+    const keys = new Set(letters.map(keyOf));
     for (const [key, row] of table.rows) {
       const box = $("input[type=checkbox]", row);
       if (box) box.checked = selected.has(key);
     }
-    for (const id of [...selected]) if (!ids.has(id)) selected.delete(id);
-    selectAll.checked = letters.length > 0 && letters.every((d) => selected.has(d.message_id));
+    for (const key of [...selected.keys()]) if (!keys.has(key)) selected.delete(key);
+    selectAll.checked = letters.length > 0 && letters.every((d) => selected.has(keyOf(d)));
     total.textContent = `${count(page.count)} in ${page.dead_letter_queue ?? "the dead-letter queue"}`;
     renderPager();
     syncButtons();
@@ -282,6 +286,7 @@ function headersTable(headers) {
 export function deadLetterView(main, task, id) {
   const base = `dead-letters/${encodeURIComponent(task)}`;
   const body = h("div", { testid: "letter-detail" });
+  let shown = null; // the letter on the page: its actions name this copy
   main.append(
     h(
       "p",
@@ -303,7 +308,7 @@ export function deadLetterView(main, task, id) {
         ? `Send dead letter ${id} back to the work queue of ${task}?`
         : `Delete dead letter ${id}? This cannot be undone.`,
       label: replaying ? "Replay" : "Purge",
-      run: () => post(`${base}/${kind}`, { ids: [id] }),
+      run: () => post(`${base}/${kind}`, shown ? { letters: [named(shown)] } : { ids: [id] }),
       done: (r) =>
         replaying ? `Replayed ${plural(r.replayed, "message")}.` : `Purged ${plural(r.purged, "message")}.`,
     });
@@ -314,6 +319,7 @@ export function deadLetterView(main, task, id) {
     let letter;
     try {
       letter = (await api(`${base}/${encodeURIComponent(id)}`)).letter;
+      shown = letter;
     } catch (error) {
       if (error.status !== 404) throw error;
       body.replaceChildren(
