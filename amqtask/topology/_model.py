@@ -35,6 +35,14 @@ def arguments(mapping: Mapping[str, ArgValue]) -> Arguments:
 # queue alone (`rabbitmq-queues grow` and `rebalance` move replicas and leaders afterwards).
 CREATION_ONLY = frozenset({"x-quorum-initial-group-size", "x-queue-leader-locator"})
 
+# A quorum dead-letter queue's delivery limit: none in effect. People read dead letters
+# (`amqtask dlq list`, the dashboard) without acking and hand them back, and on a quorum queue
+# each hand-back counts as a delivery: RabbitMQ 4.x gives quorum queues a limit of 20 unless
+# told otherwise, past which a letter would be dropped. -1, 4.x's "no limit", drops a letter at
+# its first hand-back on 3.10 (checked on 3.10.8), so the largest 32-bit value stands for it on
+# both. A dead-letter queue declared without it is left as is (`Step.by_policy`).
+DEAD_LETTER_DELIVERY_LIMIT = 2**31 - 1
+
 
 @dataclass(frozen=True, slots=True)
 class Placement:
@@ -256,6 +264,7 @@ def call_queue(contract: Contract[Any, Any], names: Names) -> Queue:
 def dead_letter_queue(contract: Contract[Any, Any], placement: Placement = Placement()) -> Queue:
     args: dict[str, ArgValue] = {"x-queue-type": contract.queue_type.value}
     if contract.queue_type is QueueType.QUORUM:
+        args["x-delivery-limit"] = DEAD_LETTER_DELIVERY_LIMIT  # browsing never drops a letter
         args.update(placement.of(contract).arguments())
     return Queue(dead_letter_queue_name(contract.queue), arguments=arguments(args))
 

@@ -9,7 +9,15 @@ from enum import StrEnum
 from typing import Any
 
 from amqtask._exceptions import Conflict
-from amqtask.topology._model import CREATION_ONLY, Binding, Entity, Exchange, Queue, Topology
+from amqtask.topology._model import (
+    CREATION_ONLY,
+    DEAD_LETTER_DELIVERY_LIMIT,
+    Binding,
+    Entity,
+    Exchange,
+    Queue,
+    Topology,
+)
 
 
 class State(StrEnum):
@@ -41,6 +49,10 @@ class Step:
     # Differences in arguments that only placed the queue when it was created (`CREATION_ONLY`):
     # reported, never a conflict, and left as they are.
     placed_otherwise: tuple[Conflict, ...] = ()
+    # Differences only a policy settles on an existing queue: a dead-letter queue declared before
+    # amqtask set its delivery limit (`DEAD_LETTER_DELIVERY_LIMIT`). Reported, never a conflict,
+    # and left as they are: redeclaring would fail, and the queue holds letters.
+    by_policy: tuple[Conflict, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = self.entity.to_dict()
@@ -50,6 +62,7 @@ class Step:
         for key, found in (
             ("conflicts", self.conflicts),
             ("placed_otherwise", self.placed_otherwise),
+            ("by_policy", self.by_policy),
         ):
             if found:
                 data[key] = [
@@ -138,6 +151,11 @@ class Plan:
                     f"\n      note: {difference.describe()}; it only placed the queue when it "
                     "was created: left as is"
                 )
+            for difference in step.by_policy:
+                line += (
+                    f"\n      note: {difference.describe()}; left as is: set it with a policy "
+                    "(README: upgrading dead-letter queues) so that reading never drops a letter"
+                )
             lines.append(line)
         conflicting = sum(step.state is State.CONFLICT for step in self.steps)
         removed = f", {len(self.to_remove)} to remove" if self.to_remove else ""
@@ -166,10 +184,11 @@ def make_plan(topology: Topology, observed: Mapping[ObservationKey, Observation]
             absent.add((entity.kind, entity.name))
             steps.append(Step(entity, State.MISSING))
         else:
-            real = tuple(c for c in seen.conflicts if c.argument not in CREATION_ONLY)
+            policy = tuple(c for c in seen.conflicts if _by_policy(c))
             placed = tuple(c for c in seen.conflicts if c.argument in CREATION_ONLY)
+            real = tuple(c for c in seen.conflicts if c not in policy and c not in placed)
             state = State.CONFLICT if real else State.UP_TO_DATE
-            steps.append(Step(entity, state, real, placed))
+            steps.append(Step(entity, state, real, placed, policy))
     for binding in topology.bindings:
         missing_end = ("exchange", binding.exchange) in absent or (
             binding.destination_kind,
@@ -181,6 +200,15 @@ def make_plan(topology: Topology, observed: Mapping[ObservationKey, Observation]
         if all(observed.get(end, Observation(exists=False)).exists for end in ends):
             steps.append(Step(binding, State.REMOVED))
     return Plan(tuple(steps))
+
+
+def _by_policy(conflict: Conflict) -> bool:
+    """A dead-letter queue's delivery limit, absent on a queue declared before it was set."""
+    return (
+        conflict.argument == "x-delivery-limit"
+        and conflict.actual is None
+        and conflict.expected == DEAD_LETTER_DELIVERY_LIMIT
+    )
 
 
 _INEQUIVALENT = re.compile(

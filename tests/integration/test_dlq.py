@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiormq.exceptions
 import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractConnection
@@ -320,3 +321,49 @@ async def test_a_replayed_dead_letter_keeps_its_content_encoding_and_type(
         assert await _dead_letters.replay(app, job) == 1
         await wait_for(lambda: runs == [7, 7])  # decoded again after the replay
     assert await queue_depth(amqp, f"{job.queue}.dead") == 0
+
+
+def without_limit(app: amqtask.App, queue: str) -> dict[str, Any]:
+    """`queue`'s arguments as amqtask declared them before it set a dead-letter queue's limit."""
+    arguments = dict(app.topology.queue(queue).arguments)
+    del arguments["x-delivery-limit"]
+    return arguments
+
+
+async def test_a_dead_letter_read_more_times_than_a_default_delivery_limit_is_never_dropped(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    dead = f"{job.queue}.dead"
+    async with amqp.channel() as channel:
+        await channel.default_exchange.publish(aio_pika.Message(b"{}", message_id="m1"), dead)
+
+    for _ in range(25):  # each read hands the letter back: one delivery more on a quorum queue
+        await wait_for(lambda: depth_is(amqp, dead, 1))  # back from the read before
+        count, letters = await _dead_letters.list_dead_letters(app, job)
+        assert (count, [letter.message_id for letter in letters]) == (1, ["m1"])
+
+    # The broker holds the queue's limit: RabbitMQ 4.x would otherwise apply its default of 20.
+    with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="2147483647"):
+        async with amqp.channel() as channel:
+            await channel.declare_queue(dead, durable=True, arguments=without_limit(app, dead))
+
+
+async def test_a_dead_letter_queue_declared_without_the_limit_is_left_as_is_with_a_note(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    dead = f"{job.queue}.dead"
+    async with amqp.channel() as channel:  # as amqtask declared it before
+        await channel.declare_queue(dead, durable=True, arguments=without_limit(app, dead))
+
+    plan = await app.declare()  # no TopologyConflict
+
+    (step,) = [s for s in plan.steps if s.entity.name == dead]
+    assert step.state.value == "up-to-date"
+    assert [(c.argument, c.actual) for c in step.by_policy] == [("x-delivery-limit", None)]
+    assert "set it with a policy" in plan.render()
+    assert (await app.plan()).up_to_date

@@ -256,6 +256,28 @@ def test_a_conflicting_entity_is_reported_and_never_applied() -> None:
     assert not plan.up_to_date
 
 
+def test_a_dead_letter_queue_without_its_delivery_limit_is_up_to_date_with_a_policy_note() -> None:
+    desired = derive([contract("orders.place", Payload)])  # quorum
+    observed = everything_exists(desired)
+    absent = Conflict("queue", "orders.place.dead", "x-delivery-limit", 2**31 - 1, None)
+    other = Conflict("queue", "orders.place.dead", "x-delivery-limit", 2**31 - 1, 20)
+    observed[("queue", "orders.place.dead")] = Observation(exists=True, conflicts=(absent,))
+
+    plan = make_plan(desired, observed)
+
+    step = next(step for step in plan.steps if step.entity.name == "orders.place.dead")
+    assert (step.state, step.conflicts, step.by_policy) == (State.UP_TO_DATE, (), (absent,))
+    assert plan.up_to_date
+    assert desired.queue("orders.place.dead") not in plan.to_apply  # redeclaring would fail
+    assert "set it with a policy" in plan.render()
+    assert entity(plan.to_dict(), "queue", "orders.place.dead")["by_policy"] == [
+        {"argument": "x-delivery-limit", "expected": 2**31 - 1, "actual": None}
+    ]
+    # Another limit than none was set by someone on purpose: a conflict, as before.
+    observed[("queue", "orders.place.dead")] = Observation(exists=True, conflicts=(other,))
+    assert make_plan(desired, observed).conflicts == (other,)
+
+
 def test_a_binding_to_a_conflicting_queue_stays_unverified() -> None:
     desired = topology()
     observed = everything_exists(desired)
