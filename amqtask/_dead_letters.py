@@ -296,12 +296,30 @@ async def replay(
     return replayed
 
 
-async def purge(app: App, contract: Contract[Any, Any]) -> int:
-    """Delete every message of the dead-letter queue; returns how many there were."""
+class MoreThanSeen(Exception):
+    """A purge of "all" was asked with the count seen, and the queue holds more now."""
+
+    def __init__(self, count: int, seen: int) -> None:
+        super().__init__(
+            f"the dead-letter queue holds {count} letters now, not {seen} as seen: "
+            "nothing purged; look again and confirm"
+        )
+        self.count = count
+        self.seen = seen
+
+
+async def purge(app: App, contract: Contract[Any, Any], *, seen: int | None = None) -> int:
+    """Delete every message of the dead-letter queue; returns how many there were.
+
+    With `seen` (the count the user saw when confirming), raises `MoreThanSeen` and deletes
+    nothing if the queue holds more: "all" means what was seen, not what arrived since."""
     connection = await open_connection(app.urls, name="amqtask-dlq", timeout=app.connect_timeout)
     async with connection:
         channel = await connection.channel()
         queue = await _dead_letter_queue(channel, contract)
+        count = queue.declaration_result.message_count or 0
+        if seen is not None and count > seen:
+            raise MoreThanSeen(count, seen)
         result = await queue.purge()
         return int(result.message_count or 0)
 

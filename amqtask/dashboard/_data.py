@@ -353,12 +353,19 @@ class DashboardData:
             return {"replayed": replayed}
 
     async def purge(
-        self, task: str, ids: list[str] | None, selection: _dead_letters.Selection | None = None
+        self,
+        task: str,
+        ids: list[str] | None,
+        selection: _dead_letters.Selection | None = None,
+        *,
+        seen: int | None = None,
     ) -> dict[str, Any]:
+        """Delete the letters named, or all of them: with `seen`, the count the user confirmed,
+        nothing if the queue holds more (`_dead_letters.MoreThanSeen`)."""
         contract = self.contract(task)
         async with self._scan_lock(contract):
             if ids is None and selection is None:
-                return {"purged": await _dead_letters.purge(self.app, contract)}
+                return {"purged": await _dead_letters.purge(self.app, contract, seen=seen)}
             deleted = await _dead_letters.delete_dead_letters(
                 self.app, contract, ids or (), selection=selection
             )

@@ -36,7 +36,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from amqtask._dead_letters import Selection
+from amqtask._dead_letters import MoreThanSeen, Selection
 from amqtask._exceptions import AmqtaskError, ConnectError, StoreError, TopologyMissing
 from amqtask.dashboard._data import Busy, DashboardData, NotFound, parse_since
 
@@ -297,7 +297,18 @@ async def replay(request: web.Request) -> web.Response:
 
 async def purge(request: web.Request) -> web.Response:
     ids, letters = await _selection(request)
-    return json(await request.app[DATA].purge(request.match_info["task"], ids, letters))
+    seen = None
+    if ids is None and letters is None:  # all: up to the count seen, when the page sends it
+        body = orjson.loads(await request.read())
+        seen = body.get("count")
+        if seen is not None and (not isinstance(seen, int) or isinstance(seen, bool) or seen < 0):
+            raise web.HTTPBadRequest(reason="count must be the number of letters seen")
+    try:
+        return json(
+            await request.app[DATA].purge(request.match_info["task"], ids, letters, seen=seen)
+        )
+    except MoreThanSeen as exc:
+        return json({"error": str(exc), "count": exc.count}, 409)
 
 
 async def schedules(request: web.Request) -> web.Response:

@@ -454,6 +454,29 @@ async def test_of_two_letters_sharing_an_id_each_is_a_row_and_one_is_acted_on_al
     await dead_depth_is(amqp, job, 1)
 
 
+async def test_purge_all_with_the_count_seen_refuses_when_the_queue_holds_more(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    await put_dead_letters(amqp, job, 2)
+    path = f"/api/dead-letters/{job.name}/purge"
+    async with dashboard(app) as client:
+        seen = (await ok(await client.get(f"/api/dead-letters/{job.name}")))["count"]
+        await put_dead_letters(amqp, job, 1, start=2)  # one more arrived after the page was read
+        await dead_depth_is(amqp, job, 3)
+        refused = await post(client, path, {"all": True, "count": seen})
+        assert refused.status == 409
+        answer = await refused.json()
+        assert answer["count"] == 3
+        assert "nothing purged" in answer["error"]
+        await dead_depth_is(amqp, job, 3)
+        assert (await post(client, path, {"all": True, "count": "3"})).status == 400
+        assert await ok(await post(client, path, {"all": True, "count": 3})) == {"purged": 3}
+    await dead_depth_is(amqp, job, 0)
+
+
 async def test_write_actions_need_the_action_header_and_json_and_read_only_refuses_them(
     app: amqtask.App, job: amqtask.Contract[Job, Any], amqp: AbstractConnection
 ) -> None:

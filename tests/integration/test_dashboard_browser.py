@@ -211,6 +211,40 @@ async def test_two_dead_letters_sharing_an_id_are_two_rows_and_purging_one_leave
         await message.nack(requeue=True)
 
 
+async def test_purge_all_purges_nothing_when_more_letters_came_than_the_dialog_said(
+    make_app: AppFactory, amqp: AbstractConnection, browser: Browser, unique: str
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+
+    async def dead_letter(n: int) -> None:
+        async with amqp.channel() as channel:
+            await channel.default_exchange.publish(
+                aio_pika.Message(f'{{"n":{n}}}'.encode(), message_id=f"m{n}"),
+                routing_key=f"{job.queue}.dead",
+            )
+
+    await dead_letter(1)
+    async with dashboard(app) as url:
+        page = await open_page(browser, url + f"#/dead-letters/{job.name}")
+        rows = page.locator('tr[data-testid^="letter-"]')
+        await expect(rows).to_have_count(1, timeout=SLOW)
+        await page.get_by_test_id("purge-all").click()
+        await expect(page.get_by_test_id("confirm-dialog")).to_contain_text("1 dead letter")
+        await dead_letter(2)  # arrives while the dialog is open
+        await wait_for(lambda: depth_is(amqp, f"{job.queue}.dead", 2))
+        await page.get_by_test_id("confirm").click()
+        await expect(page.get_by_text("nothing purged").first).to_be_visible(timeout=SLOW)
+        await expect(rows).to_have_count(2, timeout=SLOW)  # the page read the queue again
+        assert await depth_is(amqp, f"{job.queue}.dead", 2)
+        await page.get_by_test_id("purge-all").click()
+        await expect(page.get_by_test_id("confirm-dialog")).to_contain_text("2 dead letters")
+        await page.get_by_test_id("confirm").click()
+        await expect(rows).to_have_count(0, timeout=SLOW)
+    await wait_for(lambda: depth_is(amqp, f"{job.queue}.dead", 0))
+
+
 async def test_a_cancelled_confirmation_replays_nothing(
     make_app: AppFactory, amqp: AbstractConnection, browser: Browser, unique: str
 ) -> None:

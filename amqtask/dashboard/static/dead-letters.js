@@ -172,7 +172,14 @@ export function deadLettersView(main, task) {
       title: "Purge",
       text: `Delete ${what(letters)}? This cannot be undone.`,
       label: "Purge",
-      run: () => post(`${base}/purge`, letters === null ? { all: true } : { letters }),
+      // "All" is what the dialog said: the server refuses (409) if the queue holds more now.
+      run: () =>
+        post(`${base}/purge`, letters === null ? { all: true, count: page.count ?? 0 } : { letters }).catch(
+          (error) => {
+            stale = true; // read the queue again: the count shown was old
+            throw error;
+          },
+        ),
       done: (r) => {
         stale = true;
         selected.clear(); // the positions shift
