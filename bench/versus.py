@@ -12,7 +12,8 @@ deleted afterwards. A peer that cannot be installed or run is reported as "not r
 reason, never left out silently.
 
 Rows, each amqtask against the best peer of the run (`peers` scenario): no-op tasks processed by
-one process, confirmed sends with 100 in flight, call latency p50 and calls with 100 in flight
+one process and confirmed sends with 100 in flight (on quorum queues; Dramatiq, whose queues are
+classic, against amqtask on a classic queue), call latency p50 and calls with 100 in flight
 (aio-pika's `patterns.RPC` and FastStream's `request`; Celery's `rpc://` result backend is not
 measured, Dramatiq and Taskiq have no request/response over AMQP). Goal: ahead of the best peer in
 every row, by 1.5x in every throughput row. The `pool` scenario adds Celery's prefork pool.
