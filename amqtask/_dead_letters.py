@@ -8,9 +8,10 @@ Replay publishes each message back to its work queue and waits for the broker's 
 acks (removes) the dead letter, so a crash mid-replay can duplicate a message but never lose one.
 
 The dashboard pages through a queue at an offset (`page_dead_letters`), shows one letter in full
-(`find_dead_letter`) and deletes some by id (`delete_dead_letters`): one consumer without acks,
-its prefetch the number of messages wanted, each message dropped once read; the channel's close
-returns them. Only a deletion acks, and only the messages it names.
+(`find_dead_letter`) and deletes some by id (`delete_dead_letters`): consumers without acks, one
+per window of `WINDOW` (1,000) letters, each on a channel of its own, each message dropped once
+read; the channels' close returns them, in order. Only a deletion acks, and only the messages it
+names.
 
 All read headers defensively: a dead letter is often the message that was malformed in the first
 place, and one bad header must not stop the tool for the whole queue. Any value of any AMQP type
@@ -23,7 +24,7 @@ import asyncio
 import hashlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -327,7 +328,8 @@ async def purge(app: App, contract: Contract[Any, Any], *, seen: int | None = No
 # --- paging, one letter in full, deleting some (the dashboard) --------------------------------
 
 DETAIL_PREVIEW_BYTES = 64 * 1024  # how much of one letter's body its detail view shows
-_MAX_PREFETCH = 65535  # basic.qos takes a 16-bit prefetch count
+WINDOW = 1000  # letters a scan lets the broker send ahead of its reading, at most
+_MAX_WINDOWS = 1000  # channels a scan opens at most (one per window): deeper, windows grow
 _QUIET = 1.0  # seconds without a delivery after which a scan ends (the queue shrank meanwhile)
 _RETURN_WAIT = 2.0  # seconds a scan waits for the queue to take its unacked messages back
 
@@ -430,10 +432,14 @@ async def _scan(
     """Deliver the dead-letter queue's messages in order to `visit(index, message)` until it
     returns True, `first` messages were seen, or the queue ran out; returns the queue's count.
 
-    One consumer, unacked, its prefetch the number of messages wanted: the broker sends no more
-    than those, and each is dropped once visited (a visit keeps what it needs, not the body), so
-    memory stays bounded by what is in flight, not by the queue. What `visit` does not ack
-    returns to the queue, in order, when the channel closes.
+    A consumer without acks, its prefetch the number of messages wanted up to `WINDOW`: the
+    broker sends no more than those, and each is dropped once visited (a visit keeps what it
+    needs, not the body), so memory stays bounded by the window, not by the queue. Nothing
+    being acked, a full window never slides: once it is read, the consumer is cancelled (its
+    messages stay unacked on its channel) and a consumer on a new channel takes the next
+    window. What `visit` does not ack returns to the queue when the channels close, in order:
+    they are closed first to last (a quorum queue, 3.10.8 here, took back the letters of one
+    channel's many consumers in no set order past 32 of them, but each channel's in turn).
     """
     connection = await open_connection(app.urls, name="amqtask-dlq", timeout=app.connect_timeout)
     async with connection:
@@ -444,39 +450,66 @@ async def _scan(
         if wanted == 0:
             await channel.close()
             return count
-        raw = await channel.get_underlay_channel()
-        # Past 65535 (the most basic.qos takes) the window is unlimited: the consumer stops at
-        # `wanted`, and what the broker sent beyond is dropped unread.
-        await raw.basic_qos(prefetch_count=wanted if wanted <= _MAX_PREFETCH else 0)
+        window = min(wanted, max(WINDOW, -(-wanted // _MAX_WINDOWS)))
         finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        seen = acked = 0
-        progress = asyncio.Event()
+        seen = acked = visiting = 0
+        progress = asyncio.Event()  # a delivery came, or the scan finished
+        idle = asyncio.Event()  # no visit running
+        idle.set()
 
         async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
-            nonlocal seen, acked
-            if finished.done():
+            nonlocal seen, acked, visiting
+            if finished.done() or seen >= wanted:
                 return
             index, seen = seen, seen + 1
             progress.set()
+            visiting += 1
+            idle.clear()
             letter = _Letter(message)
             try:
                 stop = await visit(index, letter)
                 acked += letter.acked
+                if (stop or seen >= wanted) and not finished.done():
+                    finished.set_result(None)
             except Exception as exc:
-                finished.set_exception(exc)
-                return
-            if stop or seen >= wanted:
-                finished.set_result(None)
+                if not finished.done():
+                    finished.set_exception(exc)
+            finally:
+                visiting -= 1
+                if visiting == 0:
+                    idle.set()
+                progress.set()
 
-        await raw.basic_consume(queue.name, deliver, no_ack=False)
-        while not finished.done():
-            progress.clear()
-            try:
-                await asyncio.wait_for(asyncio.shield(finished), _QUIET)
-            except TimeoutError:
-                if not progress.is_set():
-                    break  # fewer messages than counted: others took some meanwhile
         await channel.close()
+        channels = [await connection.channel(publisher_confirms=False)]
+        quiet = False
+        try:
+            while not finished.done() and not quiet:
+                raw = await channels[-1].get_underlay_channel()
+                await raw.basic_qos(prefetch_count=min(window, wanted - seen))
+                start = seen
+                consumer = await raw.basic_consume(queue.name, deliver, no_ack=False)
+                while not finished.done() and seen - start < window:
+                    progress.clear()
+                    try:
+                        await asyncio.wait_for(progress.wait(), _QUIET)
+                    except TimeoutError:
+                        quiet = True  # fewer messages than counted: others took some meanwhile
+                        break
+                # Cancelled before its channel closes, as every other: a quorum queue (3.10.8
+                # here) took back a live consumer's letters after the cancelled ones'.
+                assert consumer.consumer_tag is not None
+                await raw.basic_cancel(consumer.consumer_tag)
+                if finished.done() or quiet:
+                    break
+                # The window is full and stays so (nothing is acked): once its letters are
+                # visited, a consumer on the next channel gets the next window.
+                await idle.wait()
+                channels.append(await connection.channel(publisher_confirms=False))
+        finally:
+            for each in channels:  # in order: the queue takes the letters back in order
+                with suppress(Exception):
+                    await each.close()
         await _returned(connection, queue.name, count - acked)
         if finished.done():
             finished.result()  # a visit's error

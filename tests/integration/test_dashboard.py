@@ -328,6 +328,41 @@ async def test_cross_site_requests_to_the_api_are_refused_the_page_s_own_are_not
     await dead_depth_is(amqp, job, 1)
 
 
+async def test_a_deep_read_holds_at_most_a_window_of_letters_and_keeps_their_order(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from amqtask import _dead_letters
+
+    monkeypatch.setattr(_dead_letters, "WINDOW", 10)  # 1,000 in use: the same, smaller
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    ids = await put_dead_letters(amqp, job, 45)
+    held = most = 0
+    read: list[str | None] = []
+
+    async def slow_visit(_index: int, message: Any) -> bool:
+        # Letters the broker sent that are not read yet are in this process's memory.
+        nonlocal held, most
+        held += 1
+        most = max(most, held)
+        await asyncio.sleep(0.01)
+        read.append(message.message_id)
+        held -= 1
+        return False
+
+    assert await _dead_letters._scan(app, job, slow_visit, first=43) == 45
+    assert read == ids[:43]
+    assert most <= 10  # a prefetch of `wanted` had all 43 in memory at once
+    async with dashboard(app) as client:
+        # Past the window, pages are right, and the letters went back in their order.
+        page = await ok(await client.get(f"/api/dead-letters/{job.name}?offset=38&limit=5"))
+        assert [letter["message_id"] for letter in page["letters"]] == ids[38:43]
+        assert [letter["position"] for letter in page["letters"]] == list(range(38, 43))
+        await dead_ids_are(client, job.name, ids)
+    await dead_depth_is(amqp, job, 45)
+
+
 async def test_a_large_body_is_previewed_within_its_bound(
     app: amqtask.App, job: amqtask.Contract[Job, Any], amqp: AbstractConnection
 ) -> None:
