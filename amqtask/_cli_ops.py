@@ -4,6 +4,7 @@ imports this module at its end). Thin: they call `amqtask._operator`."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 from urllib.parse import urlsplit
 
 import click
@@ -93,11 +94,16 @@ def workers(app_path: str, as_json: bool, management_url: str | None) -> None:
         _fail(f"{exc} (`amqtask workers` needs the management API: --management-url)")
     if any(w["amqtask_worker"] for w in report["workers"]):
 
-        async def inspect() -> list[dict[str, object]]:
-            return await _control.inspect_workers(app)
+        async def inspect() -> tuple[list[dict[str, Any]] | None, str | None]:
+            return await _control.try_inspect_workers(app)
 
-        _control.merge_into_workers(report, _run(app, inspect))
+        replies, refused = _run(app, inspect)
+        _control.merge_into_workers(report, replies or [])
+        if refused is not None:
+            report["workers_error"] = refused
     if as_json:
         click.echo(orjson.dumps(report).decode())
     else:
         click.echo(_operator.render_workers(report))
+        if report.get("workers_error"):
+            click.echo(f"in flight and pools not inspected ({report['workers_error']})")

@@ -167,6 +167,13 @@ async def test_workers_shows_each_worker_process_consuming_a_queue(
         report = listed()
         assert report is not None
         text = run_amqtask(tmp_path, "workers", target, "--management-url", management_url)
+        # A user who may read but not write: the inspect request is refused, the listing stays.
+        node.ctl("add_user", f"{unique}-reader", "reader-pw")
+        node.ctl("set_permissions", "-p", "/", f"{unique}-reader", ".*", "", ".*")
+        reader_url = f"amqp://{unique}-reader:reader-pw@127.0.0.1:{node.port}/"
+        refused = run_amqtask(
+            tmp_path, "workers", target, "--url", reader_url, "--management-url", management_url
+        )
     finally:
         worker.send_signal(signal.SIGTERM)
         await asyncio.wait_for(worker.wait(), 30)
@@ -186,6 +193,11 @@ async def test_workers_shows_each_worker_process_consuming_a_queue(
     assert f"pid {worker.pid}  concurrency 3  prefetch 3  pool thread" in text.stdout
     assert "      in flight 0\n" in text.stdout
     assert f"{idle.queue}  ({idle.name} v1)\n    no consumer" in text.stdout
+
+    assert refused.returncode == 0, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert f"pid {worker.pid}  concurrency 3" in refused.stdout
+    assert "in flight and pools not inspected (ACCESS_REFUSED" in refused.stdout
 
     unreachable = run_amqtask(
         tmp_path, "workers", target, "--management-url", f"http://127.0.0.1:{node.port + 1}"
