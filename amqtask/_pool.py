@@ -18,6 +18,7 @@ killed. Log events: `pool_started`, `pool_child_started`, `pool_child_recycled`,
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -177,7 +178,8 @@ class ChildPool:
         self._preload = preload
         self._recycling = recycling
         self._metrics = metrics
-        self._idle: asyncio.LifoQueue[Child] = asyncio.LifoQueue()
+        self._idle: list[Child] = []  # the last one back is the first out (its pages are warm)
+        self._wanted: collections.deque[asyncio.Future[Child]] = collections.deque()  # FIFO
         self._children: set[Child] = set()
         self._starting: set[asyncio.Task[None]] = set()  # replacements being started
         self._stopping: set[asyncio.Task[None]] = set()  # children being stopped or reaped
@@ -211,7 +213,7 @@ class ChildPool:
         errors = [result for result in started if isinstance(result, BaseException)]
         for result in started:
             if isinstance(result, Child):
-                self._idle.put_nowait(result)
+                self._idle.append(result)
         if errors:
             await self.close()
             error = errors[0]
@@ -268,11 +270,15 @@ class ChildPool:
         """
         child = await self._idle_child()
         self.busy += 1
+        scope = None
         try:
-            async with asyncio.timeout(time_limit) as scope:
+            if time_limit is None:
                 reply, body = await child.request(data)
+            else:
+                async with asyncio.timeout(time_limit) as scope:
+                    reply, body = await child.request(data)
         except TimeoutError:
-            if not scope.expired():
+            if scope is None or not scope.expired():
                 raise
             assert time_limit is not None
             self._discard(child, "time_limit")
@@ -299,15 +305,43 @@ class ChildPool:
         return reply, body
 
     async def _idle_child(self) -> Child:
+        """An idle child: at once if one is idle and nobody waits before us, else the next one
+        back, in the order the tasks asked (`_give_back` hands it over)."""
+        if self._draining:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()  # as if drained while waiting: the task never starts
+            await asyncio.sleep(0)
+        wanted_before = self._wanted
+        while wanted_before and wanted_before[0].done():
+            wanted_before.popleft()  # a task that gave up waiting
+        if self._idle and not wanted_before:
+            return self._idle.pop()
         task = asyncio.current_task()
         assert task is not None
-        if self._draining:
-            task.cancel()  # as if drained while waiting: the task never starts
+        wanted: asyncio.Future[Child] = asyncio.get_running_loop().create_future()
+        self._wanted.append(wanted)
         self._waiting.add(task)
         try:
-            return await self._idle.get()
+            return await wanted
+        except BaseException:
+            if wanted.done() and not wanted.cancelled():
+                self._give_back(wanted.result())  # handed over as we were cancelled: pass it on
+            else:
+                wanted.cancel()
+            raise
         finally:
             self._waiting.discard(task)
+
+    def _give_back(self, child: Child) -> None:
+        """An idle child: to the first task still waiting for one, else to the idle ones."""
+        wanted = self._wanted
+        while wanted:
+            first = wanted.popleft()
+            if not first.done():
+                first.set_result(child)
+                return
+        self._idle.append(child)
 
     def drain(self) -> None:
         """Start no more tasks: those waiting for a child are cancelled (their deliveries stay
@@ -325,7 +359,7 @@ class ChildPool:
         elif max_mib is not None and mib is not None and mib > max_mib:
             why = "max_memory"
         if why is None:
-            self._idle.put_nowait(child)
+            self._give_back(child)
             return
         log.info(
             "pool_child_recycled",
@@ -393,7 +427,7 @@ class ChildPool:
                 await child.stop()
                 self._forget(child)
                 return
-            self._idle.put_nowait(child)
+            self._give_back(child)
             return
 
     @staticmethod

@@ -3,6 +3,7 @@ processes run handlers by import path, and whatever a child does fails at most i
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import sys
@@ -137,6 +138,23 @@ async def test_an_uncaught_soft_time_limit_fails_the_task_with_reason_time_limit
     assert isinstance(outcome, Failed)
     assert isinstance(outcome.exc, amqtask.SoftTimeLimitExceeded)
     assert outcome.reason == "time_limit"
+
+
+async def test_tasks_waiting_for_a_child_start_in_the_order_they_asked_for_one(
+    pool: ChildPool,
+) -> None:
+    """A task that asks just as a child comes back waits behind those already waiting."""
+    run = executor(pool, "echo", h.Done)
+    finished: list[int] = []
+
+    async def one(n: int) -> None:
+        await run.run(None, h.Job(n=n))
+        finished.append(n)
+        if n == 0:  # asks in the very step that gave the child back
+            await one(99)
+
+    await asyncio.gather(*(one(n) for n in range(5)))
+    assert finished == [0, 1, 2, 3, 4, 99]
 
 
 async def test_a_child_is_replaced_after_max_tasks_per_child() -> None:
