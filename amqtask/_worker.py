@@ -198,17 +198,20 @@ class Worker:
                 self._tracker = await self._start_tracker()
             for pool in self._pools.values():
                 await pool.start()
+            await self._control.start(self.app.transport)  # answers `amqtask status`
+            # Consuming comes last: a SIGTERM during `start` cancels it, and handlers that had
+            # begun by then would be cut off instead of finishing as `stop` lets them.
             for source, queue in self._work_queue_of.items():
                 subscription = await self.app.transport.consume(
                     source, self._consumer(queue), prefetch=prefetch
                 )
                 self._subscriptions.append(subscription)
-            await self._control.start(self.app.transport)  # answers `amqtask status`
         except BaseException:
             self._executor.shutdown(wait=False)
             await self._close_pools()
             if self._tracker is not None:
                 await self._tracker.stop()
+            await self._control.stop()
             await self.app.close()
             raise
         if self.metrics is not None:
