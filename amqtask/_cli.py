@@ -549,8 +549,11 @@ def worker(
             on = None if metrics is None else SchedulerMetrics(app, metrics.registry)
             replica = Scheduler(app, metrics=on)
 
+        attempts: list[Worker] = []
+
         async def start() -> Worker:
             started = Worker(app, settings, metrics=metrics)  # a failed start is not reusable
+            attempts.append(started)
             await started.start()
             if replica is not None:
                 try:
@@ -568,10 +571,12 @@ def worker(
             if server is not None:
                 server.stop()
             raise
-        if running is None:  # stopped while waiting for the broker: nothing was consumed
+        if running is None:  # stopped while waiting for the broker, or while starting
             if server is not None:
                 server.stop()
-            return 0
+            # A start cut off after consuming began stopped gracefully: its abandoned handlers
+            # (threads) must not hold the exit.
+            return attempts[-1].abandoned if attempts else 0
         _supervisor.notify_ready()  # when run by `--processes`: this child consumes now
         try:
             await stop.wait()

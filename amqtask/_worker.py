@@ -199,14 +199,17 @@ class Worker:
             for pool in self._pools.values():
                 await pool.start()
             await self._control.start(self.app.transport)  # answers `amqtask status`
-            # Consuming comes last: a SIGTERM during `start` cancels it, and handlers that had
-            # begun by then would be cut off instead of finishing as `stop` lets them.
             for source, queue in self._work_queue_of.items():
                 subscription = await self.app.transport.consume(
                     source, self._consumer(queue), prefetch=prefetch
                 )
                 self._subscriptions.append(subscription)
         except BaseException:
+            if self._subscriptions:
+                # Consuming had begun (a SIGTERM cancels a start still subscribing to its other
+                # queues): handlers already running finish as on any stop, or are abandoned.
+                await self.stop()
+                raise
             self._executor.shutdown(wait=False)
             await self._close_pools()
             if self._tracker is not None:
