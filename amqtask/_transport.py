@@ -33,7 +33,7 @@ from aio_pika.abc import (
 )
 from aio_pika.connection import make_url
 
-from amqtask import _consume
+from amqtask import _consume, _wire
 from amqtask import topology as topo
 from amqtask._codec import Delivery, Outgoing
 from amqtask._exceptions import (
@@ -161,22 +161,6 @@ SETTLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _properties(message: Outgoing) -> aiormq.spec.Basic.Properties:
-    """The AMQP properties of `message`: persistent unless it says otherwise."""
-    expiration = message.expiration
-    return aiormq.spec.Basic.Properties(
-        content_type=message.content_type,
-        headers=message.headers,
-        delivery_mode=2 if message.persistent else 1,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        expiration=None if expiration is None else str(int(expiration * 1000)),  # milliseconds
-        message_id=message.message_id,
-        content_encoding=message.content_encoding,
-        message_type=message.type,  # AMQP `type`
-    )
-
-
 async def _publish(
     channel: AbstractChannel,
     exchange: str,
@@ -186,27 +170,21 @@ async def _publish(
     task: str,
     timeout: float | None,
     mandatory: bool,
-    wait: bool = True,
 ) -> None:
-    """Publish persistent on `channel` and wait for the broker's confirm.
+    """Publish on `channel` and wait for the broker's confirm.
 
-    What aio-pika's `Exchange.publish` does, without building an `aio_pika.Message` (which checks
-    and copies every property again) on each send. The timeout is aiormq's own: it covers a
-    connection the broker blocks, the write and the confirm. Without `wait`, the confirm is
-    awaited but not the socket's taking the frame (a caller that bounds what it has in flight).
+    What aio-pika's `Exchange.publish` does, through `_wire.Publisher`: frames encoded in one
+    pass, a loop turn's publishes written together, the confirm awaited but not the socket's
+    taking the frames (each send in flight holds one message, so what waits to be written is
+    bounded by the sends in flight). The timeout covers a connection the broker blocks, the
+    write and the confirm.
     """
     if channel.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
     try:
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-        await underlay.basic_publish(
-            message.body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=_properties(message),
-            mandatory=mandatory,
-            timeout=timeout,
-            wait=wait,
+        await _wire.publisher(underlay).publish(
+            exchange, routing_key, message, mandatory=mandatory, timeout=timeout
         )
     except aio_pika.exceptions.PublishError:
         raise Unroutable(
@@ -352,10 +330,8 @@ class _AioPikaReplyChannel:
         # fails, so it is never both failed and published.
         before_publish()
         if on_refused is not None:
-            # Not waiting for the socket either: each call has one request in flight, so what
-            # waits to be written is bounded by the calls in flight.
             confirming = asyncio.ensure_future(
-                self._confirmed(channel, exchange, routing_key, message, task=task, wait=False)
+                self._confirmed(channel, exchange, routing_key, message, task=task)
             )
             self._confirming.add(confirming)
             confirming.add_done_callback(partial(self._confirm_done, on_refused))
@@ -397,7 +373,6 @@ class _AioPikaReplyChannel:
         message: Outgoing,
         *,
         task: str,
-        wait: bool = True,
     ) -> None:
         try:
             await _publish(
@@ -408,7 +383,6 @@ class _AioPikaReplyChannel:
                 task=task,
                 timeout=None,
                 mandatory=True,
-                wait=wait,
             )
         except _LOST_ERRORS as exc:
             raise ConnectionLost(
@@ -968,13 +942,8 @@ class AioPikaTransport:
         if channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-        await underlay.basic_publish(
-            message.body,
-            exchange="",
-            routing_key=reply_to,
-            properties=_properties(message),
-            mandatory=False,
-            wait=False,  # nothing to wait for: the ack that follows waits for the socket
+        await _wire.publisher(underlay).publish(
+            "", reply_to, message, mandatory=False, timeout=None
         )
 
     @property

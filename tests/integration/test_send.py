@@ -7,6 +7,7 @@ import asyncio
 import pydantic
 import pytest
 from aio_pika.abc import AbstractConnection
+from aiormq.abc import ChannelFrame
 from pydantic import BaseModel
 
 import amqtask
@@ -159,3 +160,65 @@ async def test_send_outside_the_context_manager_raises_not_connected(
     app = make_app([job])
     with pytest.raises(amqtask.NotConnected):
         await app.send(job, Job(n=1))
+
+
+async def test_concurrent_sends_each_get_their_own_outcome_when_some_are_returned(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    # Sends made in the same loop turn go to the socket together: a returned one among them
+    # fails alone, and the confirmed ones arrive in the order they were sent.
+    kept = amqtask.contract(f"{unique}.kept", Job, queue_type="classic")
+    gone = amqtask.contract(f"{unique}.gone", Job)
+    app = make_app([kept, gone])
+    await app.declare()
+    async with amqp.channel() as channel:
+        await channel.queue_delete(gone.queue)
+
+    async with app:
+        outcomes = await asyncio.gather(
+            *(app.send(gone if n % 5 == 0 else kept, Job(n=n)) for n in range(200)),
+            return_exceptions=True,
+        )
+    returned = [n for n, outcome in enumerate(outcomes) if isinstance(outcome, Exception)]
+    assert returned == list(range(0, 200, 5))
+    assert all(isinstance(outcomes[n], amqtask.Unroutable) for n in returned)
+    assert await queue_depth(amqp, kept.queue) == 160
+    async with amqp.channel() as channel:
+        queue = await channel.declare_queue(kept.queue, passive=True)
+        received = []
+        for _ in range(160):
+            message = await queue.get(timeout=5)
+            received.append(Job.model_validate_json(message.body).n)
+            await message.ack()
+    assert received == [n for n in range(200) if n % 5]
+
+
+async def test_sends_wait_for_room_when_the_connection_write_queue_is_full(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+    async with app:
+        # aiormq's write queue holds ten frame batches; while it is full, sends wait for room
+        # and none is lost. Here it holds one, and a frame of nothing takes that place just
+        # before the first batch of sends, as when the writer is behind.
+        underlay = app.transport.connection.transport.connection  # type: ignore[attr-defined]
+        queue = underlay.write_queue
+        put_nowait = queue.put_nowait
+        refusals = 0
+
+        def behind_once(item: ChannelFrame) -> None:
+            nonlocal refusals
+            if refusals == 0 and item.payload and not queue.full():
+                put_nowait(ChannelFrame(b"", should_close=False))
+                refusals += 1
+            put_nowait(item)  # raises QueueFull while the queue is full
+
+        monkeypatch.setattr(queue, "_maxsize", 1)
+        monkeypatch.setattr(queue, "put_nowait", behind_once)
+        ids = await asyncio.gather(*(app.send(job, Job(n=n)) for n in range(300)))
+        monkeypatch.undo()
+    assert refusals == 1
+    assert len(set(ids)) == 300
+    assert await queue_depth(amqp, job.queue) == 300
