@@ -168,12 +168,19 @@ class Bench:
         count = self.args.pipelined if pipelined else self.args.sends
         concurrency = self.args.concurrency if pipelined else 1
 
+        broker = s.broker_pid(self.env.url)
+        used: dict[str, list[tuple[float, float]]] = {}  # side: (client, broker) us per send
+
         async def one(side: str) -> float:
             async with self.client(side) as send:
                 await s.sends(200, concurrency, send)  # warm-up: channel, caches
                 await self.env.purge(queue)
+                before = (s.own_cpu(), s.cpu_seconds(broker) if broker else 0.0)
                 rate = await s.sends(count, concurrency, send)
+                after = (s.own_cpu(), s.cpu_seconds(broker) if broker else 0.0)
             await self.env.purge(queue)
+            client, server = ((b - a) / count * 1e6 for a, b in zip(before, after, strict=True))
+            used.setdefault(side, []).append((client, server))
             return rate
 
         name = f"send, {concurrency} in flight" if pipelined else "send, one awaited at a time"
@@ -188,6 +195,22 @@ class Bench:
             Row(name, "msgs/s", runs["amqtask"], runs["raw"], target=target, note=note)
         )
         self.same_message[name] = runs["same"]
+        client = {side: [run[0] for run in runs_] for side, runs_ in used.items()}
+        brokers = {side: s.median([run[1] for run in runs_]) for side, runs_ in used.items()}
+        self.rows.append(
+            Row(
+                f"{name}, client CPU per send",
+                "us/msg",
+                client["amqtask"],
+                client["raw"],
+                note=(
+                    "the sending process's CPU; the broker's: "
+                    f"amqtask {brokers['amqtask']:.0f}, raw {brokers['raw']:.0f} us/msg"
+                    if broker
+                    else "the sending process's CPU; the broker's process was not found"
+                ),
+            )
+        )
 
     # --- 3 and 4: the worker and calls (`bench.speed`) ----------------------------------------
 

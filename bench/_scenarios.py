@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -254,6 +255,12 @@ class Usage:
     consumers_us: float
     broker_us: float | None
     machine_busy: float
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process (the benchmark, where the producers and callers run)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_seconds(pid: int) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -256,11 +255,6 @@ def _cpu_of(pids: list[int]) -> float:
     return sum(s.cpu_seconds(pid) for pid in pids)
 
 
-def _own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def calls(bench: Bench) -> None:
     from bench.__main__ import Row
 
@@ -316,9 +310,9 @@ async def calls(bench: Bench) -> None:
         async def pipelined(side: str) -> float:
             async with caller(bench, side) as call:
                 await s.sends(200, in_flight, call)  # warm-up
-                before = (_own_cpu(), _cpu_of([pid[side]]), _cpu_of([broker] if broker else []))
+                before = (s.own_cpu(), _cpu_of([pid[side]]), _cpu_of([broker] if broker else []))
                 rate = await s.sends(args.pipelined_calls, in_flight, call)
-                after = (_own_cpu(), _cpu_of([pid[side]]), _cpu_of([broker] if broker else []))
+                after = (s.own_cpu(), _cpu_of([pid[side]]), _cpu_of([broker] if broker else []))
             used = [
                 (b - a) / args.pipelined_calls * 1e6 for a, b in zip(before, after, strict=True)
             ]
