@@ -453,13 +453,22 @@ class _Session:
         if props.reply_to:
             owner = self.owner
             state = self.ledger.snapshot(replace(owner.identity, since=owner.since), owner.now())
-            await self.raw.basic_publish(
-                encode(state),
-                exchange="",
-                routing_key=props.reply_to,
-                properties=aiormq.spec.Basic.Properties(
-                    correlation_id=props.correlation_id, content_type=_codec.CONTENT_TYPE
-                ),
+            answer = _codec.Outgoing(
+                body=encode(state),
+                message_id=_codec.new_message_id(),
+                headers={},
+                correlation_id=props.correlation_id,
+                persistent=False,
+            )
+            # As the records are published: the channel's publisher numbers all it publishes.
+            await _publish(
+                self.records,
+                "",
+                props.reply_to,
+                answer,
+                task="scheduler",
+                timeout=self.owner.app.publish_timeout or 30.0,
+                mandatory=False,
             )
         await self._ack(_tag(message))
 

@@ -12,8 +12,15 @@ returns and a closing channel alike) and appends it to a buffer that goes to the
 as one frame batch at the end of the loop turn. Everything else (a header value of another
 type, a string too long for its field) is encoded by pamqp, byte for byte as before.
 
+A batch goes to the writer under the channel's lock, as aiormq's publish does (a close holds
+it: nothing goes out on a channel being closed), and only once the batch before it is in the
+socket's buffer: while the broker does not read (a memory alarm blocks publishers), sends wait
+for their confirms and what they wrote stays bounded by the sends in flight. A send that times
+out or is cancelled once numbered still goes out (`PublishTimeout` says it may be delivered).
+
 The delivery tag is taken when the message enters the buffer, so every publish on a channel
-must go through its `Publisher`: the transport's publish and request channels do.
+must go through its `Publisher`: the transport's publish and request channels and the
+scheduler's records channel do.
 """
 
 from __future__ import annotations
@@ -22,16 +29,20 @@ import asyncio
 import struct
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from contextlib import suppress
+from typing import Any, cast
 
 import aiormq
 import aiormq.abc
+import structlog
 from pamqp import constants as pamqp_constants
 from pamqp import encode as pamqp_encode
 from pamqp import frame as pamqp_frame
 from pamqp.header import ContentHeader
 
 from amqtask._codec import Outgoing
+
+log = structlog.get_logger("amqtask.transport")
 
 _FRAME_END = b"\xce"
 _FRAME_HEAD = struct.Struct(">BHI")  # type, channel, payload size
@@ -195,6 +206,7 @@ class Publisher:
         self._frame_max = channel.connection.connection_tune.frame_max or 131072
         self._pending: list[bytes] = []
         self._flushing = False  # a flush is scheduled or under way
+        self._written: asyncio.Future[None] | None = None  # the last batch's
 
     async def publish(
         self,
@@ -214,6 +226,9 @@ class Publisher:
         channel = self._channel_ref()
         if channel is None or channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        if not message.message_id and channel.publisher_confirms:
+            # A returned message finds its send by its id.
+            raise ValueError("a confirmed publish needs a message id")
         frames = publish_frames(
             channel.number,
             exchange,
@@ -243,12 +258,14 @@ class Publisher:
 
     async def _write_now(self, frames: bytes) -> None:
         channel = self._channel_ref()
-        if channel is None:
-            raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
+        if channel is None or channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         batch = aiormq.abc.ChannelFrame(frames, should_close=False)
-        try:
-            channel.write_queue.put_nowait(batch)
-        except asyncio.QueueFull:
+        if not _lock_of(channel).locked():
+            with suppress(asyncio.QueueFull):
+                channel.write_queue.put_nowait(batch)
+                return
+        async with channel.lock:  # raises once the channel is closed
             await channel.write_queue.put(batch)
 
     def _write(self, frames: bytes) -> None:
@@ -257,6 +274,17 @@ class Publisher:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def _batch(self, channel: aiormq.Channel) -> aiormq.abc.ChannelFrame:
+        """What is pending, as one frame batch whose writing `_written` tells."""
+        # Set by the writer once the batch is in the socket's buffer (never failed: a closing
+        # channel ends `_flush_later`, which waits for it).
+        self._written = asyncio.get_running_loop().create_future()
+        batch = aiormq.abc.ChannelFrame(
+            b"".join(self._pending), should_close=False, drain_future=self._written
+        )
+        self._pending.clear()
+        return batch
+
     def _flush(self) -> None:
         channel = self._channel_ref()
         if channel is None or channel.is_closed:
@@ -264,30 +292,38 @@ class Publisher:
             self._pending.clear()
             self._flushing = False
             return
-        batch = aiormq.abc.ChannelFrame(b"".join(self._pending), should_close=False)
-        self._pending.clear()
-        try:
-            channel.write_queue.put_nowait(batch)
-        except asyncio.QueueFull:
-            # The writer is behind: wait for room, then send what gathered meanwhile, in order.
-            # A task of the channel's, so its closing ends the wait.
-            channel.create_task(self._flush_later(channel.write_queue, batch))
+        written = self._written
+        if (
+            (written is not None and not written.done())  # the broker reads slowly
+            or _lock_of(channel).locked()  # the channel is closing (or in another call)
+            or channel.write_queue.full()  # the writer is behind
+        ):
+            channel.create_task(self._flush_later(channel))  # its closing ends the wait
             return
+        channel.write_queue.put_nowait(self._batch(channel))
         self._flushing = False
 
-    async def _flush_later(
-        self, queue: asyncio.Queue[aiormq.abc.ChannelFrame], batch: aiormq.abc.ChannelFrame
-    ) -> None:
+    async def _flush_later(self, channel: aiormq.Channel) -> None:
+        """Hand what is pending to the writer once the last batch is in the socket's buffer,
+        holding the channel's lock as aiormq's publish does. A close takes that lock too: what
+        is pending then never goes out, and the closing fails its confirmations."""
         try:
-            await queue.put(batch)
-        except BaseException:
+            while self._pending:
+                if self._written is not None:
+                    await self._written
+                async with channel.lock:  # raises once the channel is closed
+                    await channel.write_queue.put(self._batch(channel))
+        except Exception as exc:  # the channel closed: thrown in by its closing, or seen above
             self._pending.clear()
+            log.debug("publish_flush_ended", error=repr(exc))
+        finally:
             self._flushing = False
-            raise
-        if self._pending:
-            self._flush()
-        else:
-            self._flushing = False
+
+
+def _lock_of(channel: aiormq.Channel) -> asyncio.Lock:
+    """The lock aiormq's publish and its channel calls (a close among them) hold: `lock` is a
+    context manager that also refuses a closed channel."""
+    return cast(asyncio.Lock, channel._Channel__lock)  # type: ignore[attr-defined]
 
 
 _PUBLISHERS: weakref.WeakKeyDictionary[aiormq.Channel, Publisher] = weakref.WeakKeyDictionary()

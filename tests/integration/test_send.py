@@ -11,6 +11,7 @@ from aiormq.abc import ChannelFrame
 from pydantic import BaseModel
 
 import amqtask
+from amqtask import _wire
 
 from .conftest import AppFactory, queue_depth
 
@@ -201,24 +202,24 @@ async def test_sends_wait_for_room_when_the_connection_write_queue_is_full(
     await app.declare()
     async with app:
         # aiormq's write queue holds ten frame batches; while it is full, sends wait for room
-        # and none is lost. Here it holds one, and a frame of nothing takes that place just
-        # before the first batch of sends, as when the writer is behind.
+        # and none is lost. Here it holds one, and a frame of nothing fills it just before the
+        # first batch of sends goes to it, as when the writer is behind.
         underlay = app.transport.connection.transport.connection  # type: ignore[attr-defined]
         queue = underlay.write_queue
-        put_nowait = queue.put_nowait
-        refusals = 0
+        flush = _wire.Publisher._flush
+        filled = 0
 
-        def behind_once(item: ChannelFrame) -> None:
-            nonlocal refusals
-            if refusals == 0 and item.payload and not queue.full():
-                put_nowait(ChannelFrame(b"", should_close=False))
-                refusals += 1
-            put_nowait(item)  # raises QueueFull while the queue is full
+        def behind_once(publisher: _wire.Publisher) -> None:
+            nonlocal filled
+            if not filled:
+                queue.put_nowait(ChannelFrame(b"", should_close=False))
+                filled += 1
+            flush(publisher)
 
         monkeypatch.setattr(queue, "_maxsize", 1)
-        monkeypatch.setattr(queue, "put_nowait", behind_once)
+        monkeypatch.setattr(_wire.Publisher, "_flush", behind_once)
         ids = await asyncio.gather(*(app.send(job, Job(n=n)) for n in range(300)))
         monkeypatch.undo()
-    assert refusals == 1
+    assert filled == 1
     assert len(set(ids)) == 300
     assert await queue_depth(amqp, job.queue) == 300
