@@ -174,10 +174,9 @@ async def _publish(
     """Publish on `channel` and wait for the broker's confirm.
 
     What aio-pika's `Exchange.publish` does, through `_wire.Publisher`: frames encoded in one
-    pass, a loop turn's publishes written together, the confirm awaited but not the socket's
-    taking the frames (each send in flight holds one message, so what waits to be written is
-    bounded by the sends in flight). The timeout covers a connection the broker blocks, the
-    write and the confirm.
+    pass, a loop turn's publishes written together once the batch before them is in the
+    socket's buffer. The timeout covers a connection the broker blocks, the write and the
+    confirm.
     """
     if channel.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")

@@ -96,7 +96,7 @@ def _table(headers: Mapping[str, Any]) -> bytes:
     return _LONG.pack(len(data)) + data
 
 
-def _properties(message: Outgoing) -> tuple[int, bytes]:
+def _encoded_properties(message: Outgoing) -> tuple[int, bytes]:
     """The property flags and values of `message`, or `_NotPlain`."""
     flags, parts = 0, []
     if message.content_type:
@@ -184,7 +184,7 @@ def publish_frames(
     )
     body = message.body
     try:
-        flags, values = _properties(message)
+        flags, values = _encoded_properties(message)
         header = _frame(_HEADER, channel, _HEADER_START.pack(60, 0, len(body), flags) + values)
     except _NotPlain:
         header = pamqp_frame.marshal(ContentHeader(0, len(body), properties(message)), channel)

@@ -95,7 +95,7 @@ def test_a_task_message_takes_the_short_path_and_matches() -> None:
         headers={"amqtask-task": "jobs.resize", "amqtask-version": 2, "traceparent": "00-ab"},
         type="jobs.resize",
     )
-    flags, _ = _wire._properties(message)  # not delegated to pamqp
+    flags, _ = _wire._encoded_properties(message)  # not delegated to pamqp
     assert flags
     ours = _wire.publish_frames(
         1, "app.tasks", "jobs.resize", message, mandatory=True, frame_max=131072
