@@ -53,7 +53,10 @@ async def test_sends_during_a_close_of_their_channel_fail_and_the_connection_liv
         await _wire.publisher(other).publish(
             "", queue, Outgoing(b"{}", new_message_id()), mandatory=True, timeout=10
         )
-        assert await queue_depth(amqp, queue) == 2 + outcomes.count("confirmed")
+        # Every confirmed send is stored; one that failed with the close may be too (the broker
+        # drops the confirms still due when a channel closes).
+        depth = await queue_depth(amqp, queue)
+        assert 2 + outcomes.count("confirmed") <= depth <= 2 + len(outcomes)
     finally:
         async with amqp.channel() as cleanup:
             await cleanup.queue_delete(queue)
