@@ -13,7 +13,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -185,36 +193,60 @@ async def _publish(
         await _wire.publisher(underlay).publish(
             exchange, routing_key, message, mandatory=mandatory, timeout=timeout
         )
-    except aio_pika.exceptions.PublishError:
-        raise Unroutable(
-            f"task {task!r}: no queue is bound to exchange {exchange!r} with routing key "
-            f"{routing_key!r}; the message was returned, not stored. "
-            "Run `amqtask declare MODULE:APP` to create the topology.",
-            task=task,
-            message_id=message.message_id,
-        ) from None
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        # The broker closed the channel (404); the robust channel reopens it for the next send.
-        raise Unroutable(
-            f"task {task!r}: exchange {exchange!r} does not exist; the message was not stored. "
-            "Run `amqtask declare MODULE:APP` to create the topology.",
-            task=task,
-            message_id=message.message_id,
-        ) from None
-    except aio_pika.exceptions.DeliveryError as exc:
-        raise PublishNacked(
-            f"task {task!r}: the broker refused message {message.message_id} "
-            f"({type(exc.frame).__name__})",
-            task=task,
-            message_id=message.message_id,
-        ) from None
-    except TimeoutError:
-        raise PublishTimeout(
-            f"task {task!r}: no confirm for message {message.message_id} within {timeout} s: "
-            f"{_why_unconfirmed(channel)}; it may still be delivered",
-            task=task,
-            message_id=message.message_id,
-        ) from None
+    except _REFUSALS as exc:
+        raise _refusal(exc, channel, exchange, routing_key, message, task, timeout) from None
+
+
+# How the broker refuses a publish (returned, no such exchange, nacked) and a publish timing out.
+_REFUSALS = (
+    aio_pika.exceptions.PublishError,
+    aiormq.exceptions.ChannelNotFoundEntity,
+    aio_pika.exceptions.DeliveryError,
+    TimeoutError,
+)
+
+
+def _refusal(
+    exc: BaseException,
+    channel: AbstractChannel,
+    exchange: str,
+    routing_key: str,
+    message: Outgoing,
+    task: str,
+    timeout: float | None,
+) -> BaseException:
+    """What `_publish` raises for one of `_REFUSALS`."""
+    message_id = message.message_id
+    match exc:
+        case aio_pika.exceptions.PublishError():
+            return Unroutable(
+                f"task {task!r}: no queue is bound to exchange {exchange!r} with routing key "
+                f"{routing_key!r}; the message was returned, not stored. "
+                "Run `amqtask declare MODULE:APP` to create the topology.",
+                task=task,
+                message_id=message_id,
+            )
+        case aiormq.exceptions.ChannelNotFoundEntity():
+            # The broker closed the channel (404); the robust channel reopens it for the next send.
+            return Unroutable(
+                f"task {task!r}: exchange {exchange!r} does not exist; the message was not "
+                "stored. Run `amqtask declare MODULE:APP` to create the topology.",
+                task=task,
+                message_id=message_id,
+            )
+        case aio_pika.exceptions.DeliveryError():
+            return PublishNacked(
+                f"task {task!r}: the broker refused message {message_id} "
+                f"({type(exc.frame).__name__})",
+                task=task,
+                message_id=message_id,
+            )
+    return PublishTimeout(
+        f"task {task!r}: no confirm for message {message_id} within {timeout} s: "
+        f"{_why_unconfirmed(channel)}; it may still be delivered",
+        task=task,
+        message_id=message_id,
+    )
 
 
 def _why_unconfirmed(channel: AbstractChannel) -> str:
@@ -286,6 +318,15 @@ class _AioPikaSubscription:
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
+def _lost_request(exc: BaseException, message: Outgoing, task: str) -> ConnectionLost:
+    return ConnectionLost(
+        f"task {task!r}: the connection to the broker dropped before the request was "
+        f"confirmed ({type(exc).__name__}); it may or may not have been processed",
+        task=task,
+        correlation_id=message.correlation_id or message.message_id,
+    )
+
+
 class _AioPikaReplyChannel:
     """Direct reply-to: one channel with confirms consumes `amq.rabbitmq.reply-to` (no-ack) and
     publishes the requests, since the broker hands a reply to the channel that sent the request.
@@ -304,7 +345,6 @@ class _AioPikaReplyChannel:
         self._on_reply, self._on_lost = on_reply, on_lost
         self._channel: AbstractRobustChannel | None = None
         self._consuming: object = None  # the AMQP channel our reply consumer runs on
-        self._confirming: set[asyncio.Future[None]] = set()  # requests whose confirm is pending
         self._opening = asyncio.Lock()  # taken only to open the channel or start the consumer
 
     async def request(
@@ -329,11 +369,17 @@ class _AioPikaReplyChannel:
         # fails, so it is never both failed and published.
         before_publish()
         if on_refused is not None:
-            confirming = asyncio.ensure_future(
-                self._confirmed(channel, exchange, routing_key, message, task=task)
+            try:
+                underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+                confirmation = _wire.publisher(underlay).start(
+                    exchange, routing_key, message, mandatory=True
+                )
+            except Exception as exc:
+                raise self._failure(exc, channel, exchange, routing_key, message, task) from None
+            done = partial(
+                self._confirm_done, on_refused, channel, exchange, routing_key, message, task
             )
-            self._confirming.add(confirming)
-            confirming.add_done_callback(partial(self._confirm_done, on_refused))
+            confirmation.add_done_callback(done)
             return
         pause = 0.05
         while True:
@@ -359,10 +405,34 @@ class _AioPikaReplyChannel:
         refused.close_callbacks.discard(self._closed)
         self._transport.retire(refused, after=_RETIRE_AFTER)
 
-    def _confirm_done(self, on_refused: OnRefused, confirming: asyncio.Future[None]) -> None:
-        self._confirming.discard(confirming)
-        if not confirming.cancelled() and (exc := confirming.exception()) is not None:
-            on_refused(exc)
+    def _confirm_done(
+        self,
+        on_refused: OnRefused,
+        channel: AbstractRobustChannel,
+        exchange: str,
+        routing_key: str,
+        message: Outgoing,
+        task: str,
+        confirmation: asyncio.Future[Any],
+    ) -> None:
+        if not confirmation.cancelled() and (exc := confirmation.exception()) is not None:
+            on_refused(self._failure(exc, channel, exchange, routing_key, message, task))
+
+    @staticmethod
+    def _failure(
+        exc: BaseException,
+        channel: AbstractRobustChannel,
+        exchange: str,
+        routing_key: str,
+        message: Outgoing,
+        task: str,
+    ) -> BaseException:
+        """What a request's publish failing with `exc` raises (or hands to `on_refused`)."""
+        if isinstance(exc, _REFUSALS):
+            return _refusal(exc, channel, exchange, routing_key, message, task, None)
+        if isinstance(exc, _LOST_ERRORS):
+            return _lost_request(exc, message, task)
+        return exc
 
     async def _confirmed(
         self,
@@ -384,12 +454,7 @@ class _AioPikaReplyChannel:
                 mandatory=True,
             )
         except _LOST_ERRORS as exc:
-            raise ConnectionLost(
-                f"task {task!r}: the connection to the broker dropped before the request was "
-                f"confirmed ({type(exc).__name__}); it may or may not have been processed",
-                task=task,
-                correlation_id=message.correlation_id or message.message_id,
-            ) from exc
+            raise _lost_request(exc, message, task) from exc
 
     async def _ready(self) -> AbstractRobustChannel:
         channel = self._channel
@@ -411,12 +476,23 @@ class _AioPikaReplyChannel:
                 self._consuming = underlay
             return channel
 
-    async def _deliver(self, message: aiormq.abc.DeliveredMessage) -> None:
-        self._on_reply(_Reply(message.body, message.header.properties))
+    def _deliver(self, message: aiormq.abc.DeliveredMessage) -> Coroutine[Any, Any, None]:
+        # Handed to its call here, in the channel's reader: the caller wakes a loop turn sooner
+        # than from the task aiormq starts for what a consumer returns. An error here would end
+        # the reader, and the channel with it.
+        try:
+            self._on_reply(_Reply(message.body, message.header.properties))
+        except Exception:
+            log.exception("reply_handling_failed")
+        return _nothing()
 
     def _closed(self, _channel: object, exc: BaseException | None) -> None:
         self._consuming = None
         self._on_lost(exc)
+
+
+async def _nothing() -> None:
+    """What a consumer that did its work when called returns: aiormq awaits it in a task."""
 
 
 class _Reply:

@@ -30,6 +30,7 @@ import struct
 import weakref
 from collections.abc import Mapping
 from contextlib import suppress
+from functools import partial
 from typing import Any, cast
 
 import aiormq
@@ -224,23 +225,32 @@ class Publisher:
         (nacked), `TimeoutError`, the channel's or connection's closing error.
         """
         channel = self._channel_ref()
-        if channel is None or channel.is_closed:
-            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-        if not message.message_id and channel.publisher_confirms:
-            # A returned message finds its send by its id.
-            raise ValueError("a confirmed publish needs a message id")
-        frames = publish_frames(
-            channel.number,
-            exchange,
-            routing_key,
-            message,
-            mandatory=mandatory,
-            frame_max=self._frame_max,
-        )
-        if not channel.publisher_confirms:
+        if channel is not None and not channel.publisher_confirms:
+            frames = self._frames(channel, exchange, routing_key, message, mandatory)
             # At once, not at the end of the turn: a reply goes out ahead of its request's ack.
             await self._write_now(frames)
             return
+        confirmation = self.start(exchange, routing_key, message, mandatory=mandatory)
+        async with asyncio.timeout(timeout):
+            await confirmation
+
+    def start(
+        self, exchange: str, routing_key: str, message: Outgoing, *, mandatory: bool
+    ) -> asyncio.Future[Any]:
+        """Publish `message` on this confirming channel without waiting: it goes out at the end
+        of the loop turn. Returns its confirmation, which aiormq's reader settles: the broker's
+        ack, or `PublishError` (returned), `DeliveryError` (nacked), the closing error.
+
+        Raises `ChannelInvalidStateError` on a closed channel, `ValueError` and `TypeError` for
+        a message AMQP cannot carry (see `publish_frames`).
+        """
+        channel = self._channel_ref()
+        if channel is None or not channel.publisher_confirms:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed or unconfirmed")
+        if not message.message_id:
+            # A returned message finds its send by its id.
+            raise ValueError("a confirmed publish needs a message id")
+        frames = self._frames(channel, exchange, routing_key, message, mandatory)
         confirmation = channel.create_future()
         channel.delivery_tag += 1
         tag = channel.delivery_tag
@@ -248,13 +258,28 @@ class Publisher:
         channel.confirmations[tag] = confirmation
         # Where a returned (mandatory, unroutable) message finds its confirmation.
         channel.message_id_delivery_tag[message_id] = tag
+        confirmation.add_done_callback(partial(_forget, self._channel_ref, message_id, tag))
         self._write(frames)
-        try:
-            async with asyncio.timeout(timeout):
-                await confirmation
-        finally:
-            if channel.message_id_delivery_tag.get(message_id) == tag:
-                del channel.message_id_delivery_tag[message_id]
+        return confirmation
+
+    def _frames(
+        self,
+        channel: aiormq.Channel,
+        exchange: str,
+        routing_key: str,
+        message: Outgoing,
+        mandatory: bool,
+    ) -> bytes:
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        return publish_frames(
+            channel.number,
+            exchange,
+            routing_key,
+            message,
+            mandatory=mandatory,
+            frame_max=self._frame_max,
+        )
 
     async def _write_now(self, frames: bytes) -> None:
         channel = self._channel_ref()
@@ -320,6 +345,13 @@ class Publisher:
             self._flushing = False
 
 
+def _forget(channel_ref: weakref.ref[aiormq.Channel], message_id: str, tag: int, _: object) -> None:
+    """A settled send no longer needs its returned message to find it."""
+    channel = channel_ref()
+    if channel is not None and channel.message_id_delivery_tag.get(message_id) == tag:
+        del channel.message_id_delivery_tag[message_id]
+
+
 def _lock_of(channel: aiormq.Channel) -> asyncio.Lock:
     """The lock aiormq's publish and its channel calls (a close among them) hold: `lock` is a
     context manager that also refuses a closed channel."""
@@ -362,4 +394,12 @@ class BasicPublisher:
             properties=properties(message),
             mandatory=mandatory,
             timeout=timeout,
+        )
+
+    def start(
+        self, exchange: str, routing_key: str, message: Outgoing, *, mandatory: bool
+    ) -> asyncio.Future[Any]:
+        """`publish` in a task of its own, which settles as `Publisher.start`'s confirmation."""
+        return asyncio.ensure_future(
+            self.publish(exchange, routing_key, message, mandatory=mandatory, timeout=None)
         )
