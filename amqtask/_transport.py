@@ -13,15 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -178,8 +170,10 @@ async def _publish(
     task: str,
     timeout: float | None,
     mandatory: bool,
+    underlay: aiormq.Channel | None = None,
 ) -> None:
-    """Publish on `channel` and wait for the broker's confirm.
+    """Publish on `channel` (on `underlay`, its AMQP channel, when given) and wait for the
+    broker's confirm.
 
     What aio-pika's `Exchange.publish` does, through `_wire.Publisher`: frames encoded in one
     pass, a loop turn's publishes written together once the batch before them is in the
@@ -189,7 +183,8 @@ async def _publish(
     if channel.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
     try:
-        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        if underlay is None:
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
         await _wire.publisher(underlay).publish(
             exchange, routing_key, message, mandatory=mandatory, timeout=timeout
         )
@@ -364,27 +359,28 @@ class _AioPikaReplyChannel:
         `on_refused`, returns without waiting for the confirm, and hands it what would have
         been raised (`Unroutable`, `PublishNacked`, `ConnectionLost`).
         """
-        channel = await self._ready()
-        # Only now: a call still waiting for the channel is not among those a closing channel
-        # fails, so it is never both failed and published.
+        channel, underlay = await self._ready()
+        # Only now, and with no await before the publish: a call still waiting for the channel
+        # is not among those a closing channel fails, so it is never both failed and published,
+        # and a request never goes out on a channel without the reply consumer.
         before_publish()
         if on_refused is not None:
             try:
-                underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
                 confirmation = _wire.publisher(underlay).start(
                     exchange, routing_key, message, mandatory=True
                 )
-            except Exception as exc:
-                raise self._failure(exc, channel, exchange, routing_key, message, task) from None
-            done = partial(
-                self._confirm_done, on_refused, channel, exchange, routing_key, message, task
+            except _LOST_ERRORS as exc:
+                raise _lost_request(exc, message, task) from exc
+            confirmation.add_done_callback(
+                partial(
+                    self._confirm_done, on_refused, channel, exchange, routing_key, message, task
+                )
             )
-            confirmation.add_done_callback(done)
             return
         pause = 0.05
         while True:
             try:
-                await self._confirmed(channel, exchange, routing_key, message, task=task)
+                await self._confirmed(channel, underlay, exchange, routing_key, message, task=task)
                 return
             except PublishNacked:
                 # In a cluster a queue refuses requests while it has no leader (its node died a
@@ -393,7 +389,7 @@ class _AioPikaReplyChannel:
                 await self._renew(channel)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
-            channel = await self._ready()
+            channel, underlay = await self._ready()
 
     async def _renew(self, refused: AbstractRobustChannel) -> None:
         """Publish requests on a new channel from now on; `refused` keeps consuming the replies
@@ -405,8 +401,8 @@ class _AioPikaReplyChannel:
         refused.close_callbacks.discard(self._closed)
         self._transport.retire(refused, after=_RETIRE_AFTER)
 
+    @staticmethod
     def _confirm_done(
-        self,
         on_refused: OnRefused,
         channel: AbstractRobustChannel,
         exchange: str,
@@ -415,28 +411,19 @@ class _AioPikaReplyChannel:
         task: str,
         confirmation: asyncio.Future[Any],
     ) -> None:
-        if not confirmation.cancelled() and (exc := confirmation.exception()) is not None:
-            on_refused(self._failure(exc, channel, exchange, routing_key, message, task))
-
-    @staticmethod
-    def _failure(
-        exc: BaseException,
-        channel: AbstractRobustChannel,
-        exchange: str,
-        routing_key: str,
-        message: Outgoing,
-        task: str,
-    ) -> BaseException:
-        """What a request's publish failing with `exc` raises (or hands to `on_refused`)."""
+        if confirmation.cancelled() or (exc := confirmation.exception()) is None:
+            return
         if isinstance(exc, _REFUSALS):
-            return _refusal(exc, channel, exchange, routing_key, message, task, None)
-        if isinstance(exc, _LOST_ERRORS):
-            return _lost_request(exc, message, task)
-        return exc
+            on_refused(_refusal(exc, channel, exchange, routing_key, message, task, None))
+        else:
+            # Its channel or connection closed: aiormq fails the confirmations still due with
+            # the reason, an `asyncio.CancelledError` when none was given.
+            on_refused(_lost_request(exc, message, task))
 
     async def _confirmed(
         self,
         channel: AbstractRobustChannel,
+        underlay: aiormq.Channel,
         exchange: str,
         routing_key: str,
         message: Outgoing,
@@ -452,16 +439,19 @@ class _AioPikaReplyChannel:
                 task=task,
                 timeout=None,
                 mandatory=True,
+                underlay=underlay,
             )
         except _LOST_ERRORS as exc:
             raise _lost_request(exc, message, task) from exc
 
-    async def _ready(self) -> AbstractRobustChannel:
+    async def _ready(self) -> tuple[AbstractRobustChannel, aiormq.Channel]:
+        """The request channel and the AMQP channel under it, on which the reply consumer runs."""
         channel = self._channel
         if channel is not None:
             await channel.ready()  # waits while the connection is being restored
-            if await channel.get_underlay_channel() is self._consuming:
-                return channel
+            underlay = await channel.get_underlay_channel()
+            if underlay is self._consuming:
+                return channel, cast(aiormq.Channel, underlay)
         async with self._opening:
             if self._channel is None:
                 self._channel = await self._transport.connection.channel(
@@ -474,25 +464,14 @@ class _AioPikaReplyChannel:
             if underlay is not self._consuming:
                 await underlay.basic_consume(DIRECT_REPLY_TO, self._deliver, no_ack=True)
                 self._consuming = underlay
-            return channel
+            return channel, cast(aiormq.Channel, underlay)
 
-    def _deliver(self, message: aiormq.abc.DeliveredMessage) -> Coroutine[Any, Any, None]:
-        # Handed to its call here, in the channel's reader: the caller wakes a loop turn sooner
-        # than from the task aiormq starts for what a consumer returns. An error here would end
-        # the reader, and the channel with it.
-        try:
-            self._on_reply(_Reply(message.body, message.header.properties))
-        except Exception:
-            log.exception("reply_handling_failed")
-        return _nothing()
+    async def _deliver(self, message: aiormq.abc.DeliveredMessage) -> None:
+        self._on_reply(_Reply(message.body, message.header.properties))
 
     def _closed(self, _channel: object, exc: BaseException | None) -> None:
         self._consuming = None
         self._on_lost(exc)
-
-
-async def _nothing() -> None:
-    """What a consumer that did its work when called returns: aiormq awaits it in a task."""
 
 
 class _Reply:

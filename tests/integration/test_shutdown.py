@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractConnection
@@ -97,3 +98,54 @@ async def test_tasks_cut_off_by_the_shutdown_timeout_are_redelivered(
     assert sum(done.values()) == 0
     # The two unfinished tasks and the two never started are all back, none lost.
     await wait_for(lambda: depth_is(amqp, job.queue, 4))
+
+
+async def test_a_start_cut_off_after_consuming_began_lets_running_handlers_finish(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A SIGTERM (here: a cancel) while the worker still subscribes to its other queues, with a
+    # handler on the first one already running: the handler ends and its task is acked.
+    first = amqtask.contract(f"{unique}.first", Job, queue=f"{unique}.first")
+    second = amqtask.contract(f"{unique}.second", Job, queue=f"{unique}.second")
+    app = make_app([first, second])
+    running, release = asyncio.Event(), asyncio.Event()
+    finished: list[int] = []
+
+    @app.handler(first)
+    @app.handler(second)
+    async def handle(task: Job) -> None:
+        running.set()
+        await release.wait()
+        finished.append(task.n)
+
+    await app.declare()
+    producer = make_app([first, second])
+    async with producer:
+        await producer.send(first, {"n": 1})
+        await producer.send(second, {"n": 2})
+
+    subscribe = app.transport.consume
+    subscribed = 0
+
+    async def consume_then_hang(*args: Any, **kwargs: Any) -> Any:
+        nonlocal subscribed
+        subscribed += 1
+        if subscribed > 1:
+            await asyncio.Event().wait()  # the start is cut off here
+        return await subscribe(*args, **kwargs)
+
+    monkeypatch.setattr(app.transport, "consume", consume_then_hang)
+    worker = amqtask.Worker(app, amqtask.WorkerSettings(shutdown_timeout=20))
+    starting = asyncio.create_task(worker.start())
+    await asyncio.wait_for(running.wait(), 10)
+    starting.cancel()
+    await asyncio.sleep(0.2)  # the worker is stopping now, waiting for the handler
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(starting, 30)
+
+    assert len(finished) == 1
+    assert worker.abandoned == 0
+    # The finished task was acked before the connection closed; the other queue's is untouched.
+    depths = [await queue_depth(amqp, contract.queue) for contract in (first, second)]
+    assert sorted(depths) == [0, 1]
