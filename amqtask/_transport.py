@@ -415,9 +415,11 @@ class _AioPikaReplyChannel:
             return
         if isinstance(exc, _REFUSALS):
             on_refused(_refusal(exc, channel, exchange, routing_key, message, task, None))
+        elif isinstance(exc, ValueError | TypeError):
+            on_refused(exc)  # a message AMQP cannot carry (raised late by in-memory channels)
         else:
             # Its channel or connection closed: aiormq fails the confirmations still due with
-            # the reason, an `asyncio.CancelledError` when none was given.
+            # the reason, or `CancelledError` or a bare `Exception` when none was given.
             on_refused(_lost_request(exc, message, task))
 
     async def _confirmed(

@@ -29,8 +29,10 @@ RETURNED = aiormq.exceptions.PublishError(
         (aiormq.exceptions.ChannelClosed(None, None), amqtask.ConnectionLost),
         # aiormq fails the confirmations of a channel closed without a reason with this:
         (asyncio.CancelledError(), amqtask.ConnectionLost),
+        (Exception(), amqtask.ConnectionLost),
+        (ValueError("routing key over 255 bytes"), ValueError),
     ],
-    ids=["returned", "nacked", "channel-closed", "closed-without-reason"],
+    ids=["returned", "nacked", "channel-closed", "closed-without-reason", "bare", "unencodable"],
 )
 async def test_a_failed_confirm_reaches_the_call_typed(failure: BaseException, seen: type) -> None:
     refused: list[BaseException] = []
@@ -43,7 +45,8 @@ async def test_a_failed_confirm_reaches_the_call_typed(failure: BaseException, s
     )
 
     assert [type(exc) for exc in refused] == [seen]
-    assert refused[0].task == "job"  # type: ignore[attr-defined]
+    if isinstance(refused[0], amqtask.AmqtaskError):
+        assert refused[0].task == "job"  # type: ignore[attr-defined]
 
 
 async def test_a_confirmed_request_hands_nothing_over() -> None:
