@@ -13,9 +13,10 @@ as one frame batch at the end of the loop turn. Everything else (a header value 
 type, a string too long for its field) is encoded by pamqp, byte for byte as before.
 
 A batch goes to the writer under the channel's lock, as aiormq's publish does (a close holds
-it: nothing goes out on a channel being closed), and only once the batch before it is in the
-socket's buffer: while the broker does not read (a memory alarm blocks publishers), sends wait
-for their confirms and what they wrote stays bounded by the sends in flight. A send that times
+it: nothing goes out on a channel being closed, nor on one the broker closed and aiormq has
+not finished closing), and only once the batch before it is in the socket's buffer: while the
+broker does not read (a memory alarm blocks publishers), sends wait for their confirms and
+what they wrote stays bounded by the sends in flight. A send that times
 out or is cancelled once numbered still goes out (`PublishTimeout` says it may be delivered).
 
 The delivery tag is taken when the message enters the buffer, so every publish on a channel
@@ -270,7 +271,7 @@ class Publisher:
         message: Outgoing,
         mandatory: bool,
     ) -> bytes:
-        if channel.is_closed:
+        if _ended(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         return publish_frames(
             channel.number,
@@ -283,7 +284,7 @@ class Publisher:
 
     async def _write_now(self, frames: bytes) -> None:
         channel = self._channel_ref()
-        if channel is None or channel.is_closed:
+        if channel is None or _ended(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         batch = aiormq.abc.ChannelFrame(frames, should_close=False)
         if not _lock_of(channel).locked():
@@ -291,6 +292,8 @@ class Publisher:
                 channel.write_queue.put_nowait(batch)
                 return
         async with channel.lock:  # raises once the channel is closed
+            if _ended(channel):
+                raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
             await channel.write_queue.put(batch)
 
     def _write(self, frames: bytes) -> None:
@@ -312,7 +315,7 @@ class Publisher:
 
     def _flush(self) -> None:
         channel = self._channel_ref()
-        if channel is None or channel.is_closed:
+        if channel is None or _ended(channel):
             # Its confirmations are failed by its closing; nothing may go out on it now.
             self._pending.clear()
             self._flushing = False
@@ -337,6 +340,8 @@ class Publisher:
                 if self._written is not None:
                     await self._written
                 async with channel.lock:  # raises once the channel is closed
+                    if _ended(channel):
+                        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
                     await channel.write_queue.put(self._batch(channel))
         except Exception as exc:  # the channel closed: thrown in by its closing, or seen above
             self._pending.clear()
@@ -350,6 +355,20 @@ def _forget(channel_ref: weakref.ref[aiormq.Channel], message_id: str, tag: int,
     channel = channel_ref()
     if channel is not None and channel.message_id_delivery_tag.get(message_id) == tag:
         del channel.message_id_delivery_tag[message_id]
+
+
+def _ended(channel: aiormq.Channel) -> bool:
+    """Whether `channel` is closed or closing. When the broker closes a channel (a send to an
+    exchange that does not exist: 404), aiormq queues the close-ok at once but marks the channel
+    closed only once it has finished closing it; a frame written after that close-ok would
+    make the broker close the whole connection (504). aiormq's acks check the same event."""
+    return (
+        channel.is_closed
+        or cast(
+            asyncio.Event,
+            channel._Channel__close_event,  # type: ignore[attr-defined]
+        ).is_set()
+    )
 
 
 def _lock_of(channel: aiormq.Channel) -> asyncio.Lock:
