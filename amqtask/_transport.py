@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -189,6 +190,8 @@ async def _publish(
             exchange, routing_key, message, mandatory=mandatory, timeout=timeout
         )
     except _REFUSALS as exc:
+        if not _refuses(exc, exchange):
+            raise  # cut off with its channel: the callers' "may or may not be stored"
         raise _refusal(exc, channel, exchange, routing_key, message, task, timeout) from None
 
 
@@ -199,6 +202,24 @@ _REFUSALS = (
     aio_pika.exceptions.DeliveryError,
     TimeoutError,
 )
+
+# RabbitMQ's text for a publish to an exchange that does not exist (404).
+_MISSING_EXCHANGE = re.compile(r"no exchange '([^']*)' in vhost")
+
+
+def _refuses(exc: BaseException, exchange: str) -> bool:
+    """Whether `exc`, the failure of a publish to `exchange`, refuses that publish.
+
+    A publish to an exchange that does not exist makes the broker close the channel, and every
+    send on it then fails with that 404: only the one to the exchange it names was refused, the
+    others were cut off with the channel (stored or not).
+    """
+    if not isinstance(exc, _REFUSALS):
+        return False
+    if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+        named = _MISSING_EXCHANGE.search(str(exc.args[0]) if exc.args else "")
+        return named is None or named.group(1) == exchange
+    return True
 
 
 def _refusal(
@@ -413,7 +434,7 @@ class _AioPikaReplyChannel:
     ) -> None:
         if confirmation.cancelled() or (exc := confirmation.exception()) is None:
             return
-        if isinstance(exc, _REFUSALS):
+        if _refuses(exc, exchange):
             on_refused(_refusal(exc, channel, exchange, routing_key, message, task, None))
         elif isinstance(exc, ValueError | TypeError):
             on_refused(exc)  # a message AMQP cannot carry (raised late by in-memory channels)

@@ -16,8 +16,8 @@ A batch goes to the writer under the channel's lock, as aiormq's publish does (a
 it: nothing goes out on a channel being closed, nor on one the broker closed and aiormq has
 not finished closing), and only once the batch before it is in the socket's buffer: while the
 broker does not read (a memory alarm blocks publishers), sends wait for their confirms and
-what they wrote stays bounded by the sends in flight. A send that times
-out or is cancelled once numbered still goes out (`PublishTimeout` says it may be delivered).
+what they wrote stays bounded by the sends in flight. A send that times out or is cancelled
+once numbered still goes out (`PublishTimeout` says it may be delivered).
 
 The delivery tag is taken when the message enters the buffer, so every publish on a channel
 must go through its `Publisher`: the transport's publish and request channels and the

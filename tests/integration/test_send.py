@@ -194,6 +194,36 @@ async def test_concurrent_sends_each_get_their_own_outcome_when_some_are_returne
     assert received == [n for n in range(200) if n % 5]
 
 
+async def test_sends_cut_off_by_another_sends_missing_exchange_are_not_called_unroutable(
+    make_app: AppFactory, amqp: AbstractConnection, unique: str
+) -> None:
+    # A send to an exchange that does not exist closes the channel (404) under the sends beside
+    # it. Only that one was refused; the others were cut off and may or may not be stored.
+    job = amqtask.contract(f"{unique}.job", Job)
+    app = make_app([job])
+    await app.declare()
+
+    async with app:
+        async with amqp.channel() as channel:
+            await channel.exchange_delete(app.names.delay_entry_exchange)
+        outcomes = await asyncio.gather(
+            app.send(job, Job(n=0), delay=60),
+            *(app.send(job, Job(n=n)) for n in range(1, 50)),
+            return_exceptions=True,
+        )
+        await app.send(job, Job(n=50))  # the channel is back for the next send
+
+    delayed, others = outcomes[0], outcomes[1:]
+    assert isinstance(delayed, amqtask.Unroutable)
+    assert app.names.delay_entry_exchange in str(delayed)
+    assert all(
+        outcome is None or isinstance(outcome, amqtask.PublishInterrupted) for outcome in others
+    )
+    assert any(isinstance(outcome, amqtask.PublishInterrupted) for outcome in others)
+    stored = await queue_depth(amqp, job.queue)
+    assert 1 + others.count(None) <= stored <= 50  # every confirmed one is there
+
+
 async def test_sends_wait_for_room_when_the_connection_write_queue_is_full(
     make_app: AppFactory, amqp: AbstractConnection, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
