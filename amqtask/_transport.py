@@ -204,7 +204,7 @@ _REFUSALS = (
 )
 
 # RabbitMQ's text for a publish to an exchange that does not exist (404).
-_MISSING_EXCHANGE = re.compile(r"no exchange '([^']*)' in vhost")
+_MISSING_EXCHANGE = re.compile(r"no exchange '([^']*)'")
 
 
 def _refuses(exc: BaseException, exchange: str) -> bool:

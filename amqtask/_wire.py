@@ -292,9 +292,7 @@ class Publisher:
                 channel.write_queue.put_nowait(batch)
                 return
         async with channel.lock:  # raises once the channel is closed
-            if _ended(channel):
-                raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-            await channel.write_queue.put(batch)
+            await _queue(channel, batch)
 
     def _write(self, frames: bytes) -> None:
         self._pending.append(frames)
@@ -340,9 +338,7 @@ class Publisher:
                 if self._written is not None:
                     await self._written
                 async with channel.lock:  # raises once the channel is closed
-                    if _ended(channel):
-                        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-                    await channel.write_queue.put(self._batch(channel))
+                    await _queue(channel, self._batch(channel))
         except Exception as exc:  # the channel closed: thrown in by its closing, or seen above
             self._pending.clear()
             log.debug("publish_flush_ended", error=repr(exc))
@@ -355,6 +351,25 @@ def _forget(channel_ref: weakref.ref[aiormq.Channel], message_id: str, tag: int,
     channel = channel_ref()
     if channel is not None and channel.message_id_delivery_tag.get(message_id) == tag:
         del channel.message_id_delivery_tag[message_id]
+
+
+async def _queue(channel: aiormq.Channel, batch: aiormq.abc.ChannelFrame) -> None:
+    """Put `batch` on the connection's write queue unless `channel` has ended, both decided in
+    one step: a put that waited for room could land after a close-ok queued meanwhile.
+
+    Raises `ChannelInvalidStateError` (the batch is dropped) once the channel has ended.
+    """
+    pause = 0.001
+    while not _ended(channel):
+        try:
+            channel.write_queue.put_nowait(batch)
+            return
+        except asyncio.QueueFull:  # the writer is behind: the socket's buffer is full
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+    if batch.drain_future is not None:
+        batch.drain_future.cancel()  # never written
+    raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
 
 
 def _ended(channel: aiormq.Channel) -> bool:
