@@ -367,14 +367,21 @@ class _Session:
     async def _put(self, record: Record) -> None:
         """Publish a record to the scheduler queue and wait for its confirm."""
         message = _codec.Outgoing(body=encode(record), message_id=_codec.new_message_id())
+        await self._publish_on_records(self.queue, message, mandatory=True)
+
+    async def _publish_on_records(
+        self, routing_key: str, message: _codec.Outgoing, *, mandatory: bool
+    ) -> None:
+        """Publish through the default exchange on the records channel, whose publisher numbers
+        all that goes out on it (records and answers alike)."""
         await _publish(
             self.records,
             "",
-            self.queue,
+            routing_key,
             message,
             task="scheduler",
             timeout=self.owner.app.publish_timeout or 30.0,
-            mandatory=True,
+            mandatory=mandatory,
         )
 
     def _read(self, message: aiormq.abc.DeliveredMessage) -> Record | None:
@@ -460,16 +467,7 @@ class _Session:
                 correlation_id=props.correlation_id,
                 persistent=False,
             )
-            # As the records are published: the channel's publisher numbers all it publishes.
-            await _publish(
-                self.records,
-                "",
-                props.reply_to,
-                answer,
-                task="scheduler",
-                timeout=self.owner.app.publish_timeout or 30.0,
-                mandatory=False,
-            )
+            await self._publish_on_records(props.reply_to, answer, mandatory=False)
         await self._ack(_tag(message))
 
     # --- leading ---------------------------------------------------------------------------
